@@ -1,0 +1,187 @@
+"""The one entry point: `medfuse <command> ...`.
+
+Each command parses its arguments and calls one function of the package; every error a user
+can cause (a `MedfuseError`) becomes one line on stderr and exit code 2, not a traceback.
+Heavy modules (torch, mlflow) are imported inside the handlers so `medfuse --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from medfuse.errors import MedfuseError
+
+PAIRS = ["CT-MRI", "PET-MRI", "SPECT-MRI"]
+
+
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    from medfuse.config import load_params
+
+    return load_params(args.params, args.overlay)
+
+
+def _cmd_download(args: argparse.Namespace) -> None:
+    from medfuse.data.download import download_dataset
+
+    params = _params(args)
+    download_dataset(params, args.dataset, source=args.source, out_dir=args.out)
+
+
+def _cmd_prepare(args: argparse.Namespace) -> None:
+    from medfuse.data.prepare import prepare_from_params
+
+    prepare_from_params(_params(args), raw_root=args.raw, out_dir=args.out)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from medfuse.train import train_from_params
+
+    train_from_params(
+        _params(args),
+        method=args.method,
+        pair=args.pair,
+        variant=args.variant,
+        out_dir=args.out,
+        resume=args.resume,
+        device=args.device,
+        epochs=args.epochs,
+        amp=args.amp,
+    )
+
+
+def _cmd_fuse(args: argparse.Namespace) -> None:
+    from medfuse.fuse import fuse_from_args
+
+    fuse_from_args(_params(args), args)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from medfuse.metrics.evaluate import evaluate_from_args
+
+    evaluate_from_args(_params(args), args)
+
+
+def _cmd_report(args: argparse.Namespace) -> None:
+    from medfuse.report import build_report
+
+    build_report(_params(args), results_dir=args.results, out_dir=args.out)
+
+
+def _cmd_init_tracking(args: argparse.Namespace) -> None:
+    from medfuse.tracking import init_store
+
+    print(init_store(_params(args)))
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)"
+    )
+    parser.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        type=Path,
+        help="overlay merged on top (repeatable), e.g. workflow/profiles/quick/params.yaml",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medfuse", description="Reproducible multimodal medical image fusion (W-DUALMINE)."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("download", help="fetch a dataset's files from its manifest and base URL")
+    _add_common(p)
+    p.add_argument(
+        "--dataset", default="aanlib", help="dataset name in params.yaml (default aanlib)"
+    )
+    p.add_argument(
+        "--source", help="base URL or local mirror directory (overrides params.yaml)", default=None
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output directory (overrides params.yaml)"
+    )
+    p.set_defaults(handler=_cmd_download)
+
+    p = sub.add_parser(
+        "prepare", help="pair, convert and validate images; write the split manifest"
+    )
+    _add_common(p)
+    p.add_argument(
+        "--raw", type=Path, default=None, help="raw dataset root (overrides params.yaml)"
+    )
+    p.add_argument(
+        "--out", type=Path, default=None, help="output directory (overrides params.yaml)"
+    )
+    p.set_defaults(handler=_cmd_prepare)
+
+    p = sub.add_parser("train", help="train a learned method on one modality pair")
+    _add_common(p)
+    p.add_argument("--pair", required=True, choices=PAIRS)
+    p.add_argument("--method", default="wdualmine")
+    p.add_argument("--variant", default="full", help="ablation variant from params.yaml")
+    p.add_argument("--out", type=Path, default=None, help="weights directory")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda (overrides params.yaml)")
+    p.add_argument("--epochs", type=int, default=None, help="override the epoch count")
+    p.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("fuse", help="fuse a pair's test split, or two given registered images")
+    _add_common(p)
+    p.add_argument("images", nargs="*", type=Path, help="A.png B.png (functional/CT, then MRI)")
+    p.add_argument("--method", default="wdualmine")
+    p.add_argument("--variant", default="full")
+    p.add_argument("--model", type=Path, default=None, help="weights file of a learned method")
+    p.add_argument("--pair", choices=PAIRS, default=None, help="fuse this pair's test split")
+    p.add_argument("-o", "--out", type=Path, default=None, help="output file or directory")
+    p.add_argument("--device", default=None)
+    p.set_defaults(handler=_cmd_fuse)
+
+    p = sub.add_parser("evaluate", help="score a folder of fused images against the test sources")
+    _add_common(p)
+    p.add_argument("--pair", required=True, choices=PAIRS)
+    p.add_argument("--fused", required=True, type=Path, help="folder of fused images")
+    p.add_argument("--convention", default=None, help="paper | standard | cddfuse")
+    p.add_argument("--out", type=Path, default=None, help="output prefix (CSV + JSON)")
+    p.set_defaults(handler=_cmd_evaluate)
+
+    p = sub.add_parser("report", help="tables, figures and results/report.md")
+    _add_common(p)
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument("--out", type=Path, default=None)
+    p.set_defaults(handler=_cmd_report)
+
+    p = sub.add_parser("init-tracking", help="create or migrate the MLflow store once")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_init_tracking)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args.handler(args)
+    except MedfuseError as exc:
+        print(f"medfuse {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"medfuse {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

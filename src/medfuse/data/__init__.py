@@ -1,0 +1,1 @@
+"""Data stage: download (manifest + base URL), prepare (pairing, colour, validation), datasets."""

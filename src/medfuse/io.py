@@ -1,0 +1,99 @@
+"""Image and file I/O shared by every step: atomic writes, hashing, validated 8-bit image reads.
+
+Every output is written to a temporary name in the destination folder and renamed into place,
+so an interrupted step never leaves a partial file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medfuse.errors import DataError
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_image(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 grey (H, W) or RGB (H, W, 3) array as PNG, atomically."""
+    if array.dtype != np.uint8:
+        raise TypeError(f"{path}: expected a uint8 array, got {array.dtype}")
+    with atomic_path(path) as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def to_uint8(image01: np.ndarray) -> np.ndarray:
+    """Float image in [0, 1] to uint8 with rounding (not truncation)."""
+    return np.clip(np.rint(np.asarray(image01, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+def read_image(path: str | Path, mode: str | None = None) -> np.ndarray:
+    """Decode an 8-bit grey or RGB image fully and return it as uint8 (H, W) or (H, W, 3).
+
+    `mode` ("L" or "RGB") is the expected mode; an image in another mode is a DataError,
+    except that an RGB image whose three channels are equal is accepted as grey.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()  # force a full decode: a truncated file fails here, not later
+            pil_mode = img.mode
+            array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"{path}: cannot decode image ({exc})") from exc
+    if pil_mode not in ("L", "RGB", "RGBA", "P"):
+        raise DataError(f"{path}: unsupported image mode {pil_mode!r} (expected 8-bit grey or RGB)")
+    if pil_mode == "P":
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
+    if pil_mode == "RGBA":
+        array = array[..., :3]
+    if array.dtype != np.uint8:
+        raise DataError(f"{path}: expected 8-bit pixels, got {array.dtype}")
+    if mode == "L" and array.ndim == 3:
+        if not (
+            np.array_equal(array[..., 0], array[..., 1])
+            and np.array_equal(array[..., 0], array[..., 2])
+        ):
+            raise DataError(f"{path}: expected a grey image, got colour ({pil_mode})")
+        array = array[..., 0]
+    if mode == "RGB" and array.ndim != 3:
+        raise DataError(f"{path}: expected an RGB image, got grey ({pil_mode})")
+    return np.ascontiguousarray(array)

@@ -1,0 +1,44 @@
+"""Build any method by name (as timm does for models): `build_method("dwt", params)`.
+
+Entries are import paths resolved on first use, so importing the registry stays cheap and a
+method's heavy dependencies load only when that method is used. A learned method's factory
+takes its merged config (method settings + variant overrides) and returns a `FusionNet`;
+a classical one returns a `Fuser`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from medfuse.errors import ConfigError
+
+# name -> "module:factory". One place lists every method the project knows.
+_FACTORIES: dict[str, str] = {
+    "average": "medfuse.methods.classical:AverageFusion",
+    "max": "medfuse.methods.classical:MaxFusion",
+    "dwt": "medfuse.methods.classical:DWTFusion",
+    "laplacian": "medfuse.methods.classical:LaplacianFusion",
+    "wdualmine": "medfuse.methods.wdualmine:build",
+    "asfe-fusion": "medfuse.methods.asfe_fusion:build",
+    "adafuse": "medfuse.methods.adafuse:build",
+}
+
+
+def method_names() -> list[str]:
+    return sorted(_FACTORIES)
+
+
+def _resolve(name: str) -> Callable[..., Any]:
+    if name not in _FACTORIES:
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
+    module_name, attr = _FACTORIES[name].split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def build_method(name: str, config: Mapping[str, Any] | None = None) -> Any:
+    """Instantiate method `name` from its (merged) config section of params.yaml."""
+    factory = _resolve(name)
+    settings = {k: v for k, v in (config or {}).items() if k != "kind"}
+    return factory(**settings)
