@@ -22,7 +22,7 @@ PAIRS = ["CT-MRI", "PET-MRI", "SPECT-MRI"]
 def _params(args: argparse.Namespace) -> dict[str, Any]:
     from medfuse.config import load_params
 
-    return load_params(args.params, args.overlay)
+    return load_params(args.params, args.overlay, args.profile)
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
@@ -79,6 +79,11 @@ def _cmd_init_tracking(args: argparse.Namespace) -> None:
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="paper | quick | ... (default: params.yaml's `profile`, or $MEDFUSE_PROFILE)",
+    )
     parser.add_argument(
         "--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)"
     )

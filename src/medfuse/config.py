@@ -18,9 +18,12 @@ import yaml
 from medfuse.errors import ConfigError
 
 DEFAULT_PARAMS = Path("params.yaml")
-# Overlays may also come from the environment (colon-separated), e.g. for the quick profile.
+# Extra overlays from the environment (colon-separated), e.g. a local mirror for the data.
 OVERLAY_ENV = "MEDFUSE_PARAMS_OVERLAY"
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "params.schema.yaml"
+# A profile name from the environment wins over params.yaml's `profile` key.
+PROFILE_ENV = "MEDFUSE_PROFILE"
+WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflow"
+SCHEMA_PATH = WORKFLOW_DIR / "schemas" / "params.schema.yaml"
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -61,13 +64,31 @@ def overlays_from_env() -> list[Path]:
     return [Path(p) for p in raw.split(os.pathsep) if p]
 
 
+def profile_overlay(profile: str) -> Path:
+    """The overlay file of a named profile (workflow/profiles/<name>/params.yaml)."""
+    path = WORKFLOW_DIR / "profiles" / profile / "params.yaml"
+    if not path.is_file():
+        known = sorted(p.parent.name for p in (WORKFLOW_DIR / "profiles").glob("*/params.yaml"))
+        raise ConfigError(f"unknown profile {profile!r} ({path} not found); known: {known}")
+    return path
+
+
 def load_params(
-    path: str | Path = DEFAULT_PARAMS, overlays: Sequence[str | Path] | None = None
+    path: str | Path = DEFAULT_PARAMS,
+    overlays: Sequence[str | Path] | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
-    """Load `path`, merge overlays in order (then $MEDFUSE_PARAMS_OVERLAY's), validate."""
+    """Load `path`, then merge in order: the profile's overlay, `overlays`, $MEDFUSE_PARAMS_OVERLAY.
+
+    The profile is `profile`, else $MEDFUSE_PROFILE, else params.yaml's `profile` key; the
+    merged result records the profile actually used.
+    """
     path = Path(path)
     params = _read_yaml(path)
-    overlay_paths = [Path(p) for p in (overlays or [])] + overlays_from_env()
+    profile = profile or os.environ.get(PROFILE_ENV) or params.get("profile", "paper")
+    params["profile"] = profile
+    overlay_paths = [profile_overlay(profile)]
+    overlay_paths += [Path(p) for p in (overlays or [])] + overlays_from_env()
     for overlay in overlay_paths:
         params = deep_merge(params, _read_yaml(overlay))
     names = " + ".join(str(p) for p in [path, *overlay_paths])

@@ -179,6 +179,11 @@ def download(
     return DownloadSummary(fetched=fetched, skipped=skipped)
 
 
+def dataset_dir(params: Mapping[str, Any], dataset: str) -> Path:
+    """Where a dataset's files live once downloaded: <data.raw_dir>/<dataset>."""
+    return Path(params["data"]["raw_dir"]) / dataset
+
+
 def download_dataset(
     params: Mapping[str, Any],
     dataset: str,
@@ -195,7 +200,7 @@ def download_dataset(
     summary = download(
         spec["manifest"],
         source or spec["base_url"],
-        out_dir or spec["out_dir"],
+        out_dir or dataset_dir(params, dataset),
         settings=settings,
         progress=progress,
     )

@@ -1,0 +1,48 @@
+"""The CLI: one line naming the problem, exit code 2, no traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from medfuse.cli import main
+
+
+def test_help_lists_every_command(capsys):
+    try:
+        main(["--help"])
+    except SystemExit as exc:
+        assert exc.code == 0
+    out = capsys.readouterr().out
+    for command in ("download", "prepare", "train", "fuse", "evaluate", "report"):
+        assert command in out
+
+
+def test_user_error_is_one_line_and_exit_2(tmp_path, capsys):
+    code = main(["prepare", "--params", str(tmp_path / "missing.yaml")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0
+    assert "missing.yaml: parameter file not found" in err
+
+
+def test_entry_point_is_installed(repo_root):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medfuse.cli",
+            "download",
+            "--source",
+            "ftp://x",
+            "--params",
+            str(repo_root / "params.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo_root,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "unsupported base URL 'ftp://x'" in result.stderr

@@ -1,0 +1,33 @@
+# Configuration shared by every rule: params.yaml validated and merged with the profile overlay
+# by the same loader the CLI uses, so both see exactly the same settings.
+
+import shlex
+
+from medfuse.config import load_params
+
+PROFILE = config.get("profile")
+PARAMS = load_params("params.yaml", profile=PROFILE)
+PROFILE = PARAMS["profile"]
+# Every rule's command starts with this, so the CLI merges the same profile overlay.
+PROFILE_ARG = f"--profile {shlex.quote(PROFILE)}"
+
+DATASETS = PARAMS["data"]["datasets"]
+PREPARE = PARAMS["data"]["prepare"]
+PREPARED_DIR = PREPARE["out_dir"]
+PREPARED_MANIFEST = f"{PREPARED_DIR}/manifest.csv"
+RAW_DIR = PARAMS["data"]["raw_dir"]
+PUBLISHED_DIRS = [
+    f"{RAW_DIR}/{m['dataset']}" for m in PARAMS["methods"].values() if m["kind"] == "published"
+]
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+
+
+# One software environment for every rule (the package pins everything it needs).
+CONDA_ENV = "../../environment.yml"
+
+
+def profile_file():
+    return f"workflow/profiles/{PROFILE}/params.yaml"
