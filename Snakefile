@@ -8,9 +8,11 @@ min_version("9.0")
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
-        PREPARED_MANIFEST,
-        PUBLISHED_DIRS,
+        REPORT_OUTPUTS,

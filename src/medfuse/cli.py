@@ -73,9 +73,15 @@ def _cmd_report(args: argparse.Namespace) -> None:
 
 
 def _cmd_init_tracking(args: argparse.Namespace) -> None:
+    import json
+
+    from medfuse.io import write_text_atomic
     from medfuse.tracking import init_store
 
-    print(init_store(_params(args)))
+    uri = init_store(_params(args))
+    print(uri)
+    if args.stamp:  # the workflow's marker that the store exists before any parallel job
+        write_text_atomic(args.stamp, json.dumps({"tracking_uri": uri}, indent=2) + "\n")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -167,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init-tracking", help="create or migrate the MLflow store once")
     _add_common(p)
+    p.add_argument("--stamp", type=Path, default=None, help="write a JSON marker file here")
     p.set_defaults(handler=_cmd_init_tracking)
     return parser
 

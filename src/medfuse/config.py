@@ -96,8 +96,14 @@ def load_params(
     return params
 
 
+def canonical_method(name: str) -> str:
+    """`published:asfe-fusion` (the user-facing spelling) is `published-asfe-fusion` in files."""
+    return name.replace(":", "-")
+
+
 def method_config(params: Mapping[str, Any], method: str, variant: str = "full") -> dict[str, Any]:
     """A method's settings with a variant's overrides merged in (ablations are configuration)."""
+    method = canonical_method(method)
     methods = params["methods"]
     if method not in methods:
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(sorted(methods))}")

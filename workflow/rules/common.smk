@@ -3,7 +3,8 @@
 
 import shlex
 
-from medfuse.config import load_params
+from medfuse.config import load_params, method_config
+from medfuse.plan import fusion_jobs, is_learned, training_jobs
 
 PROFILE = config.get("profile")
 PARAMS = load_params("params.yaml", profile=PROFILE)
@@ -23,6 +24,25 @@ PUBLISHED_DIRS = [
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
+
+
+TRAIN_JOBS = training_jobs(PARAMS)
+FUSE_JOBS = fusion_jobs(PARAMS)
+CONVENTIONS = PARAMS["evaluate"]["conventions"]
+METHODS = sorted({job.method for job in FUSE_JOBS})
+TRACKING_STAMP = "results/tracking/store.json"
+
+
+wildcard_constraints:
+    method="|".join(METHODS),
+    pair="|".join(PARAMS["experiments"]["pairs"]),
+    variant="[A-Za-z0-9_]+",
+    convention="|".join(CONVENTIONS),
+
+
+def method_settings(wc):
+    """The merged settings a job reads: a change to them reruns exactly that job."""
+    return method_config(PARAMS, wc.method, wc.variant)
 
 
 # One software environment for every rule (the package pins everything it needs).

@@ -1,0 +1,59 @@
+"""The jobs the workflow runs and where their outputs live: one place for both workflow tools.
+
+The Snakefile expands its rules from these functions; dvc.yaml expands the same lists of
+params.yaml with foreach/matrix; tests/test_workflow.py checks that the two DAGs agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medfuse.config import canonical_method
+
+RESULTS = Path("results")
+
+
+@dataclass(frozen=True)
+class Job:
+    method: str
+    pair: str
+    variant: str = "full"
+
+    @property
+    def model_dir(self) -> Path:
+        return RESULTS / "models" / self.method / self.pair / self.variant
+
+    @property
+    def fused_dir(self) -> Path:
+        return RESULTS / "fused" / self.method / self.pair / self.variant
+
+    def metrics_stem(self, convention: str) -> Path:
+        """Prefix of the evaluation outputs: <stem>.csv (per pair) and <stem>.json (summary)."""
+        return RESULTS / "metrics" / convention / self.method / self.pair / self.variant
+
+
+def _ablation_jobs(exp: Mapping[str, Any]) -> list[Job]:
+    method = canonical_method(exp["ablation_method"])
+    return [Job(method, exp["ablation_pair"], v) for v in exp["ablations"]]
+
+
+def training_jobs(params: Mapping[str, Any]) -> list[Job]:
+    """Every learned method on every pair, plus the ablation variants."""
+    exp = params["experiments"]
+    full = [Job(canonical_method(m), p) for m in exp["learned"] for p in exp["pairs"]]
+    return full + _ablation_jobs(exp)
+
+
+def fusion_jobs(params: Mapping[str, Any]) -> list[Job]:
+    """Every method (learned or not) on every pair, plus the ablation variants."""
+    exp = params["experiments"]
+    names = [*exp["learned"], *exp["classical"], *exp["published"]]
+    methods = [canonical_method(m) for m in names]
+    return [Job(m, p) for m in methods for p in exp["pairs"]] + _ablation_jobs(exp)
+
+
+def is_learned(params: Mapping[str, Any], method: str) -> bool:
+    return params["methods"][canonical_method(method)]["kind"] == "learned"

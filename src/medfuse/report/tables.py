@@ -1,0 +1,186 @@
+"""The paper's Tables 1-5 rebuilt from our per-pair metrics, beside the paper's own values.
+
+Input everywhere is one tidy frame of per-test-pair scores: columns `method, pair, variant, name`
+plus one column per metric. Each table is written as CSV (numbers) and Markdown (formatted).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from medfuse.io import write_text_atomic
+from medfuse.report.stats import paired_test, summarise
+
+KEYS = ["method", "pair", "variant", "name"]
+REFERENCE_METHOD = "wdualmine"
+
+
+@cache
+def paper_values() -> dict[str, Any]:
+    text = resources.files("medfuse.report").joinpath("paper_values.yaml").read_text("utf-8")
+    return yaml.safe_load(text)
+
+
+def metric_columns(per_pair: pd.DataFrame) -> list[str]:
+    return [c for c in per_pair.columns if c not in KEYS]
+
+
+def _fmt(mean: float, std: float | None = None, digits: int = 4) -> str:
+    if not np.isfinite(mean):
+        return "inf" if mean == np.inf else "n/a"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _ours(rows: pd.DataFrame, metrics: list[str], ddof: int) -> dict[str, tuple[float, float]]:
+    return {m: summarise(rows[m], ddof) for m in metrics if m in rows}
+
+
+def comparison_table(
+    per_pair: pd.DataFrame, table: Mapping[str, Any], methods: list[str], ddof: int = 0
+) -> pd.DataFrame:
+    """Tables 1-3: each method's mean ± std, the paper's value, the delta, and agreement."""
+    spec = paper_values()
+    columns = spec["metric_columns"]
+    rows = []
+    for method in methods:
+        subset = per_pair[(per_pair.method == method) & (per_pair.pair == table["pair"])]
+        if subset.empty:
+            continue
+        ours = _ours(subset, metric_columns(per_pair), ddof)
+        paper = table["values"].get(spec["paper_row"].get(method, ""), {})
+        row: dict[str, Any] = {"method": method, "paper_row": spec["paper_row"].get(method, "")}
+        for paper_metric, ours_metric in columns.items():
+            mean, std = ours.get(ours_metric, (np.nan, np.nan))
+            p_mean, p_std = paper.get(paper_metric, (np.nan, np.nan))
+            row |= {
+                f"{ours_metric}_mean": mean,
+                f"{ours_metric}_std": std,
+                f"{paper_metric}_paper_mean": p_mean,
+                f"{paper_metric}_paper_std": p_std,
+                f"{paper_metric}_delta": mean - p_mean,
+                f"{paper_metric}_within_paper_std": bool(abs(mean - p_mean) <= p_std)
+                if np.isfinite(p_mean) and np.isfinite(mean)
+                else None,
+            }
+        for extra in set(ours) - set(columns.values()):
+            row |= {f"{extra}_mean": ours[extra][0], f"{extra}_std": ours[extra][1]}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def ablation_table(
+    per_pair: pd.DataFrame, table: Mapping[str, Any], variants: list[str], ddof: int = 0
+) -> pd.DataFrame:
+    """Tables 4-5: each variant's mean ± std beside the paper's mean (the paper gives no std)."""
+    columns = paper_values()["metric_columns"]
+    subset = per_pair[(per_pair.method == REFERENCE_METHOD) & (per_pair.pair == table["pair"])]
+    rows = []
+    for variant in variants:
+        chosen = subset[subset.variant == variant]
+        if chosen.empty:
+            continue
+        ours = _ours(chosen, list(columns.values()), ddof)
+        paper = table["variants"].get(variant, {})
+        row: dict[str, Any] = {"variant": variant}
+        for paper_metric, ours_metric in columns.items():
+            mean, std = ours.get(ours_metric, (np.nan, np.nan))
+            p_mean = paper.get(paper_metric, np.nan)
+            row |= {
+                f"{ours_metric}_mean": mean,
+                f"{ours_metric}_std": std,
+                f"{paper_metric}_paper": p_mean,
+                f"{paper_metric}_delta": mean - p_mean,
+            }
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_statistics(per_pair: pd.DataFrame, pair: str, metrics: list[str]) -> pd.DataFrame:
+    """Every method against W-DUALMINE (full) on the same test pairs: Wilcoxon + effect size."""
+    subset = per_pair[(per_pair.pair == pair) & (per_pair.variant == "full")]
+    reference = subset[subset.method == REFERENCE_METHOD].set_index("name")
+    rows = []
+    if reference.empty:
+        return pd.DataFrame(rows)
+    for method, group in subset[subset.method != REFERENCE_METHOD].groupby("method"):
+        joined = group.set_index("name").join(reference, rsuffix="_ref", how="inner")
+        for metric in metrics:
+            if metric not in joined or f"{metric}_ref" not in joined:
+                continue
+            result = paired_test(joined[metric].to_numpy(), joined[f"{metric}_ref"].to_numpy())
+            rows.append({"pair": pair, "method": method, "metric": metric, **result})
+    return pd.DataFrame(rows)
+
+
+def comparison_markdown(table: pd.DataFrame, title: str) -> str:
+    columns = paper_values()["metric_columns"]
+    header = ["method", *[f"{p} (ours)" for p in columns], *[f"{p} (paper)" for p in columns]]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for _, row in table.iterrows():
+        ours = []
+        for p, o in columns.items():
+            mark = " ✓" if row.get(f"{p}_within_paper_std") else ""
+            ours.append(_fmt(row[f"{o}_mean"], row[f"{o}_std"]) + mark)
+        paper = [
+            _fmt(row[f"{p}_paper_mean"], row[f"{p}_paper_std"])
+            if np.isfinite(row[f"{p}_paper_mean"])
+            else "—"
+            for p in columns
+        ]
+        lines.append("| " + " | ".join([row["method"], *ours, *paper]) + " |")
+    lines += ["", "✓: our mean lies within the paper's ± std.", ""]
+    return "\n".join(lines)
+
+
+def ablation_markdown(table: pd.DataFrame, title: str) -> str:
+    columns = paper_values()["metric_columns"]
+    header = ["variant", *[f"{p} (ours)" for p in columns], *[f"{p} (paper)" for p in columns]]
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for _, row in table.iterrows():
+        ours = [_fmt(row[f"{o}_mean"], row[f"{o}_std"]) for o in columns.values()]
+        paper = [_fmt(row[f"{p}_paper"]) for p in columns]
+        lines.append("| " + " | ".join([row["variant"], *ours, *paper]) + " |")
+    return "\n".join([*lines, ""])
+
+
+def extra_metrics_markdown(per_pair: pd.DataFrame, pair: str, ddof: int = 0) -> str:
+    """Every metric we compute (not only the paper's five), per method, on one modality pair."""
+    subset = per_pair[(per_pair.pair == pair) & (per_pair.variant == "full")]
+    metrics = metric_columns(per_pair)
+    lines = [f"### All metrics, {pair}", "", "| method | " + " | ".join(metrics) + " |"]
+    lines.append("|---" * (len(metrics) + 1) + "|")
+    for method, group in subset.groupby("method"):
+        cells = [_fmt(*summarise(group[m], ddof), digits=3) for m in metrics]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, ""])
+
+
+def stats_markdown(stats_table: pd.DataFrame, pair: str) -> str:
+    lines = [
+        f"### Paired tests against W-DUALMINE, {pair}",
+        "",
+        "| method | metric | median diff | effect size (r) | p (Wilcoxon) | n |",
+        "|---|---|---|---|---|---|",
+    ]
+    for _, r in stats_table.iterrows():
+        lines.append(
+            f"| {r.method} | {r.metric} | {r.median_diff:+.4f} | {r.effect_size:+.2f} "
+            f"| {r.p_value:.3g} | {r.n} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def write_table(frame: pd.DataFrame, markdown: str, out_dir: Path, stem: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
+    write_text_atomic(csv_path, frame.to_csv(index=False))
+    write_text_atomic(md_path, markdown)
+    return [csv_path, md_path]
