@@ -106,12 +106,12 @@ def ablation_table(
 def paired_statistics(per_pair: pd.DataFrame, pair: str, metrics: list[str]) -> pd.DataFrame:
     """Every method against W-DUALMINE (full) on the same test pairs: Wilcoxon + effect size."""
     subset = per_pair[(per_pair.pair == pair) & (per_pair.variant == "full")]
-    reference = subset[subset.method == REFERENCE_METHOD].set_index("name")
+    reference = subset[subset.method == REFERENCE_METHOD]
     rows = []
     if reference.empty:
         return pd.DataFrame(rows)
     for method, group in subset[subset.method != REFERENCE_METHOD].groupby("method"):
-        joined = group.set_index("name").join(reference, rsuffix="_ref", how="inner")
+        joined = group.merge(reference, on="name", suffixes=("", "_ref"))
         for metric in metrics:
             if metric not in joined or f"{metric}_ref" not in joined:
                 continue
