@@ -1,0 +1,155 @@
+"""The quick profile end to end, with both workflow tools, in a fresh copy of the repository.
+
+Each tool runs the whole DAG (download from the mirror, prepare, train, fuse, evaluate, report),
+then runs again and must do nothing. DVC must then rerun only what a params edit touches.
+Slow (minutes): deselect with `-m "not workflow"` while iterating.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.workflow
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _copy_repo(src: Path, dst: Path) -> Path:
+    """Tracked and untracked-but-not-ignored files only, as a fresh clone would have."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (src / rel).is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, dst / rel)
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
+        subprocess.run(cmd, cwd=dst, check=True)
+    return dst
+
+
+def _env(repo: Path) -> dict[str, str]:
+    overlay = repo / "mirror.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "datasets": {
+                        "aanlib": {"base_url": str(SHARED / "aanlib")},
+                        "published-asfe-fusion": {
+                            "base_url": str(SHARED / "published-fusions" / "ASFE-Fusion")
+                        },
+                    }
+                }
+            }
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MEDFUSE_"))}
+    env["MEDFUSE_PARAMS_OVERLAY"] = str(overlay)
+    return env
+
+
+def _run(cmd: list[str], repo: Path, env: dict[str, str]) -> tuple[str, float]:
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, check=False)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, (
+        f"{cmd} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
+    print(f"{' '.join(cmd)}: {elapsed:.1f} s")
+    return result.stdout + result.stderr, elapsed
+
+
+def _assert_outputs(repo: Path) -> None:
+    report = (repo / "results/report.md").read_text()
+    assert "W-DUALMINE reproduction report" in report and "Profile `quick`" in report
+    for n in range(1, 6):
+        assert (repo / f"results/tables/table{n}.csv").is_file()
+        assert (repo / f"results/tables/table{n}.md").is_file()
+    for stem in ("fig3_CT-MRI", "fig4_PET-MRI", "fig5_SPECT-MRI", "fig6_curves", "fig6_radar"):
+        for ext in ("png", "pdf"):
+            assert (repo / f"results/figures/{stem}.{ext}").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def quick_repo(tmp_path_factory, repo_root) -> Path:
+    if not (SHARED / "aanlib").is_dir():
+        pytest.skip("data mirror not available")
+    return _copy_repo(repo_root, tmp_path_factory.mktemp("snakemake"))
+
+
+def test_snakemake_quick_profile_end_to_end(quick_repo: Path):
+    env = _env(quick_repo)
+    _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
+    _assert_outputs(quick_repo)
+    out, _ = _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
+    assert "Nothing to be done" in out
+
+
+def test_dvc_quick_profile_end_to_end_and_selective_rerun(tmp_path_factory, repo_root):
+    if not (SHARED / "aanlib").is_dir():
+        pytest.skip("data mirror not available")
+    repo = _copy_repo(repo_root, tmp_path_factory.mktemp("dvc"))
+    env = _env(repo)
+    _set_param(repo, ["profile"], "quick")
+    _run(["dvc", "repro"], repo, env)
+    _assert_outputs(repo)
+    out, _ = _run(["dvc", "repro"], repo, env)
+    assert "Data and pipelines are up to date" in out
+
+    _set_param(repo, ["methods", "wdualmine", "loss", "mi"], 0.2)
+    status = json.loads(_run(["dvc", "status", "--json"], repo, env)[0].strip() or "{}")
+    trained = sorted(s for s in status if s.startswith("train"))
+    assert trained and all("@wdualmine-" in s for s in trained), trained
+    assert len(trained) == 3 + 8  # full on three pairs + eight ablations on CT-MRI
+
+
+def _set_param(repo: Path, keys: list[str], value: object) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    node = params
+    for key in keys[:-1]:
+        node = node[key]
+    node[keys[-1]] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_mlflow_ui_lists_the_workflow_runs(quick_repo: Path):
+    from mlflow.tracking import MlflowClient
+
+    from tests.mlflow_ui import CHROMIUM, runs_listed_in_ui
+
+    if not CHROMIUM.is_file():
+        pytest.skip("Debian chromium not installed")
+    store = f"sqlite:///{quick_repo / 'mlflow.db'}"
+    if not (quick_repo / "mlflow.db").is_file():
+        pytest.skip("the Snakemake quick run did not produce a tracking store")
+    client = MlflowClient(store)
+    experiments = [e for e in client.search_experiments() if e.name != "Default"]
+    runs = [r for e in experiments for r in client.search_runs([e.experiment_id])]
+    steps = {r.data.tags.get("step") for r in runs}
+    assert {"train", "fuse", "evaluate"} <= steps, steps
+    train_names = sorted({r.info.run_name for r in runs if r.data.tags.get("step") == "train"})
+    shot = quick_repo / "results" / "mlflow-ui.png"
+    seen = runs_listed_in_ui(
+        store, [e.experiment_id for e in experiments], train_names, shot, quick_repo
+    )
+    assert seen == set(train_names), (sorted(seen), train_names)
+    assert shot.stat().st_size > 10_000
+    shutil.copy(shot, Path(__file__).resolve().parents[1] / "results" / "mlflow-ui.png")
