@@ -1,0 +1,364 @@
+"""Score fused images: one pair in memory (`evaluate_pair`), or a folder against a test split.
+
+`evaluate_images` is the convention-aware entry point: it takes the images in their stored form
+(fused grey or RGB, functional grey or RGB, MRI grey) and lets the named convention decide how
+colour becomes grey and which images PSNR_paper compares. `evaluate_pair` is the stable,
+convention-free entry point for grey arrays (the `standard` set).
+
+`medfuse evaluate` (evaluate_from_args) scores every fused image of a folder against the
+prepared test sources and writes, atomically:
+    <prefix>.csv          one row per test pair (column `name`, then one column per metric)
+    <prefix>.summary.csv  mean and std per metric over the test pairs
+    <prefix>.json         flat {metric: mean, metric_std: std}, for `dvc metrics show`
+The std is the population one (ddof 0): it reproduces the paper's ± values; ddof 1 does not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from medfuse.data.prepared import PreparedData
+from medfuse.errors import DataError
+from medfuse.io import read_image, write_text_atomic
+from medfuse.metrics import core
+from medfuse.metrics.conventions import Convention, get_convention, to_grey
+
+log = logging.getLogger(__name__)
+
+FMI_COLUMNS = {
+    "pixel": "FMI_pixel",
+    "gradient": "FMI_gradient",
+    "edge": "FMI_edge",
+    "dct": "FMI_dct",
+    "wavelet": "FMI_w",
+}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+
+
+@dataclass(frozen=True)
+class PairImages:
+    """One fused image and its two sources, ready for every metric (all the same H x W)."""
+
+    f: np.ndarray  # grey, float64 on 0..255
+    a: np.ndarray
+    b: np.ndarray
+    f_levels: np.ndarray  # the same as uint8 grey levels (EN, MI)
+    a_levels: np.ndarray
+    b_levels: np.ndarray
+    f_stored: np.ndarray  # the images PSNR_paper compares (RGB where the convention says so)
+    a_stored: np.ndarray
+    b_stored: np.ndarray
+
+
+def _psnr(x: PairImages, c: Convention) -> float:
+    peak = float(x.f.max()) if c.psnr_peak == "fused_max" else 255.0
+    return core.psnr(x.f, x.a, x.b, peak=peak)
+
+
+def _fmi(feature: str) -> Callable[[PairImages, Convention], float]:
+    return lambda x, c: core.fmi(x.f, x.a, x.b, feature=feature)
+
+
+# The one table from metric name to code; a convention only fills in the arguments.
+METRICS: dict[str, Callable[[PairImages, Convention], float]] = {
+    "EN": lambda x, c: core.entropy(x.f_levels, base=c.log_base),
+    "MI": lambda x, c: core.mutual_information(
+        x.f_levels, x.a_levels, x.b_levels, base=c.log_base, combine=c.combine_rule("MI")
+    ),
+    "CC": lambda x, c: core.correlation(x.f, x.a, x.b, combine=c.combine_rule("CC")),
+    "PSNR_paper": lambda x, c: core.psnr_paper(x.f_stored, x.a_stored, x.b_stored),
+    "PSNR": _psnr,
+    **{column: _fmi(feature) for feature, column in FMI_COLUMNS.items()},
+    "SSIM": lambda x, c: core.ssim(
+        x.f, x.a, x.b, data_range=c.ssim_data_range, combine=c.combine_rule("SSIM")
+    ),
+    "Qabf": lambda x, c: core.qabf(x.f, x.a, x.b),
+    "VIF": lambda x, c: core.vif(x.f, x.a, x.b, combine=c.combine_rule("VIF")),
+    "SD": lambda x, c: core.sd(x.f),
+    "SF": lambda x, c: core.sf(x.f),
+    "AG": lambda x, c: core.ag(x.f),
+    "SCD": lambda x, c: core.scd(x.f, x.a, x.b),
+}
+METRIC_NAMES = tuple(METRICS)
+
+
+# ----------------------------------------------------------------------------- inputs
+def _as_8bit_values(image: np.ndarray, label: str) -> np.ndarray:
+    """A uint8 image, or a float one on 0..255, as float64; anything else is a DataError."""
+    array = np.asarray(image)
+    if array.dtype == np.uint8:
+        return array.astype(np.float64)
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise DataError(f"{label}: expected 8-bit values (uint8 or float), got {array.dtype}")
+    values = array.astype(np.float64)
+    if not np.all(np.isfinite(values)):
+        raise DataError(f"{label}: contains NaN or infinite values")
+    if values.size and (values.min() < 0 or values.max() > 255):
+        lo, hi = values.min(), values.max()
+        raise DataError(f"{label}: values must lie in [0, 255], got [{lo:g}, {hi:g}]")
+    return values
+
+
+def _levels(values: np.ndarray) -> np.ndarray:
+    # Histogram metrics need integer grey levels: float input is rounded to the nearest level.
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
+
+
+def _check_same_size(images: Mapping[str, np.ndarray]) -> None:
+    sizes = {label: np.asarray(x).shape[:2] for label, x in images.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{label} is {h} x {w}" for label, (h, w) in sizes.items())
+        raise DataError(f"size mismatch: {listed}")
+
+
+def _check_grey(image: np.ndarray, label: str) -> None:
+    if np.asarray(image).ndim != 2:
+        raise DataError(f"{label}: expected a 2-D grey image, got shape {np.shape(image)}")
+
+
+def _check_stored(image: np.ndarray, label: str) -> None:
+    shape = np.shape(image)
+    if not (len(shape) == 2 or (len(shape) == 3 and shape[2] in (3, 4))):
+        raise DataError(f"{label}: expected a grey (H, W) or RGB (H, W, 3) image, got {shape}")
+
+
+def pair_images(
+    fused: np.ndarray,
+    functional: np.ndarray,
+    mri: np.ndarray,
+    convention: Convention,
+    labels: tuple[str, str, str] = ("fused", "functional", "MRI"),
+) -> PairImages:
+    """Validate the stored-form images and derive what each metric reads under `convention`."""
+    for image, label in zip((fused, functional, mri), labels, strict=True):
+        _check_stored(image, label)
+    _check_same_size(dict(zip(labels, (fused, functional, mri), strict=True)))
+    stored = [
+        _as_8bit_values(x, label)[..., :3] if np.ndim(x) == 3 else _as_8bit_values(x, label)
+        for x, label in zip((fused, functional, mri), labels, strict=True)
+    ]
+    rules = (convention.fused_grey, convention.source_grey, convention.source_grey)
+    f, a, b = (_grey(x, rule) for x, rule in zip(stored, rules, strict=True))
+    if convention.psnr_paper_stored:
+        f_stored, a_stored, b_stored = _broadcastable(stored)
+    else:
+        f_stored, a_stored, b_stored = f, a, b
+    return PairImages(
+        f=f,
+        a=a,
+        b=b,
+        f_levels=_levels(f),
+        a_levels=_levels(a),
+        b_levels=_levels(b),
+        f_stored=f_stored,
+        a_stored=a_stored,
+        b_stored=b_stored,
+    )
+
+
+def _grey(values: np.ndarray, rule: str) -> np.ndarray:
+    if values.ndim == 2:
+        return values
+    return to_grey(_levels(values), rule).astype(np.float64)
+
+
+def _broadcastable(images: list[np.ndarray]) -> list[np.ndarray]:
+    """Grey images as (H, W, 1) beside colour ones, so F - B broadcasts over the channels
+    (MATLAB subtracts the 2-D MRI from each plane of the 3-D fused image)."""
+    if all(x.ndim == 2 for x in images):
+        return images
+    return [x[..., None] if x.ndim == 2 else x for x in images]
+
+
+# ----------------------------------------------------------------------------- one pair
+def metric_values(
+    images: PairImages, convention: Convention, names: Iterable[str] = METRIC_NAMES
+) -> dict[str, float]:
+    return {name: float(METRICS[name](images, convention)) for name in names}
+
+
+def evaluate_images(
+    fused: np.ndarray,
+    functional: np.ndarray,
+    mri: np.ndarray,
+    convention: str | Convention = "standard",
+    labels: tuple[str, str, str] = ("fused", "functional", "MRI"),
+    names: Iterable[str] = METRIC_NAMES,
+) -> dict[str, float]:
+    """All metrics of one fused image, from images in their stored form (grey or RGB uint8,
+    or float on 0..255), under a named convention (standard, paper, cddfuse)."""
+    conv = get_convention(convention)
+    return metric_values(pair_images(fused, functional, mri, conv, labels), conv, names)
+
+
+def evaluate_pair(a: np.ndarray, b: np.ndarray, fused: np.ndarray) -> dict[str, float]:
+    """All metrics of `fused` against sources `a` (CT / functional luma) and `b` (MRI): 2-D grey
+    arrays of 8-bit values (uint8, or float on 0..255), `standard` convention. Keys: EN, MI,
+    CC, PSNR_paper, PSNR, FMI_pixel, FMI_gradient, FMI_edge, FMI_dct, FMI_w, SSIM, Qabf, VIF,
+    SD, SF, AG, SCD (docs/metrics.md)."""
+    for image, label in ((a, "A"), (b, "B"), (fused, "fused")):
+        _check_grey(image, label)
+    return evaluate_images(fused, a, b, "standard", labels=("fused", "A", "B"))
+
+
+# ----------------------------------------------------------------------------- a folder
+def fused_files(folder: Path) -> dict[str, Path]:
+    """Fused images directly in `folder` by name (sub-folders such as y/ are not read)."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: fused-image folder not found")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+    by_name: dict[str, Path] = {}
+    for path in sorted(files):
+        if path.stem in by_name:
+            other = by_name[path.stem].name
+            raise DataError(f"{path}: two fused images named {path.stem!r} ({other})")
+        by_name[path.stem] = path
+    return by_name
+
+
+def match_test_names(folder: Path, test_names: list[str]) -> dict[str, Path]:
+    """The fused image of every test pair; a missing or an extra image is a DataError."""
+    files = fused_files(folder)
+    missing = [n for n in test_names if n not in files]
+    extra = sorted(set(files) - set(test_names))
+    if missing:
+        shown = ", ".join(f"{n}.png" for n in missing[:10])
+        count = len(missing)
+        raise DataError(f"{folder}: missing fused image(s) for {count} test pair(s): {shown}")
+    if extra:
+        shown = ", ".join(files[n].name for n in extra[:10])
+        raise DataError(f"{folder}: {len(extra)} fused image(s) match no test pair: {shown}")
+    return {n: files[n] for n in test_names}
+
+
+def evaluate_folder(
+    fused_dir: Path,
+    prepared: PreparedData,
+    pair: str,
+    convention: str | Convention,
+    names: Iterable[str] = METRIC_NAMES,
+) -> pd.DataFrame:
+    """Per-test-pair metrics of every fused image in `fused_dir` (one row per test pair)."""
+    conv = get_convention(convention)
+    rows = prepared.rows(pair, "test")
+    paths = match_test_names(Path(fused_dir), [str(n) for n in rows["name"]])
+    names = list(names)
+    records = []
+    for _, row in rows.iterrows():
+        sample = prepared.load(row)
+        fused_path = paths[sample.name]
+        fused = read_image(fused_path)
+        functional = sample.a_rgb if sample.a_rgb is not None else sample.a
+        source = prepared.root / (row["a_rgb"] or row["a"])
+        if fused.shape[:2] != sample.b.shape[:2]:
+            height, width = sample.b.shape[:2]
+            raise DataError(
+                f"{fused_path}: size {fused.shape[1]} x {fused.shape[0]} differs from its sources "
+                f"{source} and {prepared.root / row['b']} ({width} x {height})"
+            )
+        labels = (str(fused_path), str(source), str(prepared.root / row["b"]))
+        scores = evaluate_images(fused, functional, sample.b, conv, labels=labels, names=names)
+        records.append({"name": sample.name, **scores})
+    return pd.DataFrame.from_records(records, columns=["name", *names])
+
+
+def summarise(per_pair: pd.DataFrame, ddof: int = 0) -> pd.DataFrame:
+    """Mean and std (population by default) per metric; an undefined (NaN) score stays NaN."""
+    values = per_pair.drop(columns=["name"]).astype(float)
+    with np.errstate(invalid="ignore"):  # inf - inf inside the std of an infinite column
+        table = pd.DataFrame(
+            {"mean": values.mean(skipna=False), "std": values.std(ddof=ddof, skipna=False)}
+        )
+    table.index.name = "metric"
+    return table
+
+
+def summary_json(summary: pd.DataFrame) -> dict[str, float]:
+    flat: dict[str, float] = {}
+    for metric, row in summary.iterrows():
+        flat[str(metric)] = float(row["mean"])
+        flat[f"{metric}_std"] = float(row["std"])
+    return flat
+
+
+def write_results(prefix: Path, per_pair: pd.DataFrame, summary: pd.DataFrame) -> list[Path]:
+    """<prefix>.csv, <prefix>.summary.csv and <prefix>.json, each written atomically.
+    Non-finite values are written as inf / NaN (JSON: Infinity / NaN, which DVC reads)."""
+    prefix = Path(prefix)
+    paths = [
+        prefix.with_name(prefix.name + ".csv"),
+        prefix.with_name(prefix.name + ".summary.csv"),
+        prefix.with_name(prefix.name + ".json"),
+    ]
+    write_text_atomic(paths[0], per_pair.to_csv(index=False, float_format="%.10g"))
+    write_text_atomic(paths[1], summary.to_csv(float_format="%.10g"))
+    write_text_atomic(paths[2], json.dumps(summary_json(summary), indent=2) + "\n")
+    return paths
+
+
+def format_summary(summary: pd.DataFrame, title: str) -> str:
+    lines = [title, f"{'metric':<14}{'mean':>12}   {'std':<10}"]
+    for metric, row in summary.iterrows():
+        lines.append(f"{metric!s:<14}{row['mean']:>12.4f} ± {row['std']:<10.4f}")
+    return "\n".join(lines)
+
+
+def log_to_active_run(summary: pd.DataFrame, convention: str) -> bool:
+    """Log the summary to the active MLflow run, if the calling process started one.
+    MLflow is only consulted when already imported: nothing here starts a run."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None or mlflow.active_run() is None:
+        return False
+    mlflow.log_metrics({f"{convention}/{k}": v for k, v in summary_json(summary).items()})
+    return True
+
+
+def default_prefix(fused_dir: Path, pair: str, convention: str) -> Path:
+    """results/fused/<method>/<pair>/<variant> ->
+    results/metrics/<convention>/<method>/<pair>/<variant> (medfuse.plan.Job.metrics_stem)."""
+    parts = Path(fused_dir).parts
+    if len(parts) < 4 or parts[-4] != "fused":
+        raise DataError(
+            f"{fused_dir}: not a results/fused/<method>/<pair>/<variant> folder; give --out PREFIX"
+        )
+    method, fused_pair, variant = parts[-3:]
+    if fused_pair != pair:
+        raise DataError(f"{fused_dir}: folder is for {fused_pair}, but --pair is {pair}")
+    return Path(*parts[:-4], "metrics", convention, method, pair, variant)
+
+
+def evaluate_from_args(params: Mapping[str, Any], args: Any) -> pd.DataFrame:
+    """`medfuse evaluate --pair PAIR --fused DIR [--convention NAME] [--out PREFIX]`."""
+    convention = args.convention or params["evaluate"]["convention"]
+    try:
+        conv = get_convention(convention)
+    except ValueError as exc:
+        raise DataError(f"--convention: {exc}") from exc
+    prepared = PreparedData(params["data"]["prepare"]["out_dir"])
+    prefix = Path(args.out) if args.out else default_prefix(Path(args.fused), args.pair, conv.name)
+    per_pair = evaluate_folder(Path(args.fused), prepared, args.pair, conv)
+    summary = summarise(per_pair, ddof=conv.std_ddof)
+    paths = write_results(prefix, per_pair, summary)
+    title = f"{args.pair}: {len(per_pair)} test pairs, {args.fused}, convention {conv.name}"
+    print(format_summary(summary, title))
+    if log_to_active_run(summary, conv.name):
+        log.info("logged the summary to the active MLflow run")
+    log.info("wrote %s", ", ".join(str(p) for p in paths))
+    _warn_undefined(summary)
+    return per_pair
+
+
+def _warn_undefined(summary: pd.DataFrame) -> None:
+    undefined = [str(m) for m, v in summary["mean"].items() if math.isnan(v)]
+    if undefined:
+        log.warning("undefined (NaN) for some pairs: %s", ", ".join(undefined))

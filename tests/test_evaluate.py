@@ -1,0 +1,311 @@
+"""`medfuse evaluate`: a folder of fused images against the prepared test split; the published
+ASFE-Fusion rows of the W-DUALMINE paper and the average-fusion table of metrics.md."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from medfuse.cli import main
+from medfuse.data.colour import luma_uint8, recolour, rgb_to_ycbcr
+from medfuse.data.prepared import COLUMNS, PreparedData
+from medfuse.errors import DataError
+from medfuse.io import read_image, write_image
+from medfuse.metrics import evaluate_images
+from medfuse.metrics.evaluate import (
+    METRIC_NAMES,
+    default_prefix,
+    evaluate_folder,
+    evaluate_from_args,
+    summarise,
+)
+
+PAIR = "PET-MRI"
+NAMES = ("101", "102", "103")
+SIZE = 48
+
+
+# ----------------------------------------------------------------------------- a tiny split
+@pytest.fixture
+def prepared(tmp_path, make_pair) -> Path:
+    """A prepared-data folder (PreparedData layout) with three 48 x 48 PET-MRI test pairs."""
+    root = tmp_path / "prepared"
+    rows = []
+    for seed, name in enumerate(NAMES):
+        a, b = make_pair(SIZE, seed)
+        a_rgb = np.dstack([a, np.roll(a, 3, axis=1), b // 2])
+        rel = {k: f"{PAIR}/test/{k}/{name}.png" for k in ("A", "B", "A_rgb")}
+        write_image(root / rel["A"], luma_uint8(a_rgb))
+        write_image(root / rel["B"], b)
+        write_image(root / rel["A_rgb"], a_rgb)
+        rows.append(
+            {
+                "pair_id": f"{PAIR}/test/{name}",
+                "pair": PAIR,
+                "split": "test",
+                "name": name,
+                "a": rel["A"],
+                "b": rel["B"],
+                "a_rgb": rel["A_rgb"],
+                "a_sha256": "",
+                "b_sha256": "",
+                "height": SIZE,
+                "width": SIZE,
+            }
+        )
+    pd.DataFrame(rows, columns=COLUMNS).to_csv(root / "manifest.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def fused_dir(tmp_path, prepared) -> Path:
+    """results/fused/average/PET-MRI/full: RGB average fusions, and their luma in y/."""
+    out = tmp_path / "results" / "fused" / "average" / PAIR / "full"
+    for sample in PreparedData(prepared).samples(PAIR, "test"):
+        y = np.rint((sample.a.astype(float) + sample.b) / 2).astype(np.uint8)
+        write_image(out / f"{sample.name}.png", recolour(y, sample.a_rgb))
+        write_image(out / "y" / f"{sample.name}.png", y)
+    return out
+
+
+def _params(prepared: Path, convention: str = "paper") -> dict:
+    return {"evaluate": {"convention": convention}, "data": {"prepare": {"out_dir": str(prepared)}}}
+
+
+def _args(fused: Path, out: Path | None = None, convention: str | None = None):
+    return argparse.Namespace(pair=PAIR, fused=fused, convention=convention, out=out)
+
+
+# ----------------------------------------------------------------------------- outputs
+def test_evaluate_writes_per_pair_summary_and_flat_json(prepared, fused_dir, tmp_path, capsys):
+    evaluate_from_args(_params(prepared), _args(fused_dir))
+    stem = tmp_path / "results" / "metrics" / "paper" / "average" / PAIR / "full"
+    per_pair = pd.read_csv(stem.with_name("full.csv"), dtype={"name": str})
+    assert list(per_pair.columns) == ["name", *METRIC_NAMES]
+    assert list(per_pair["name"]) == list(NAMES)
+
+    sample = PreparedData(prepared).samples(PAIR, "test")[1]
+    expected = evaluate_images(read_image(fused_dir / "102.png"), sample.a_rgb, sample.b, "paper")
+    for metric, value in expected.items():
+        assert per_pair.loc[1, metric] == pytest.approx(value, rel=1e-9), metric
+
+    flat = json.loads(stem.with_name("full.json").read_text())
+    assert set(flat) == {*METRIC_NAMES, *(f"{m}_std" for m in METRIC_NAMES)}
+    assert flat["EN"] == pytest.approx(per_pair["EN"].mean())
+    assert flat["EN_std"] == pytest.approx(per_pair["EN"].std(ddof=0))  # population std
+    summary = pd.read_csv(stem.with_name("full.summary.csv"), index_col="metric")
+    assert summary.loc["MI", "mean"] == pytest.approx(flat["MI"])
+
+    printed = capsys.readouterr().out
+    assert "convention paper" in printed and "FMI_dct" in printed and " ± " in printed
+
+
+def test_explicit_out_prefix_and_convention(prepared, fused_dir, tmp_path):
+    prefix = tmp_path / "elsewhere" / "avg"
+    per_pair = evaluate_from_args(_params(prepared), _args(fused_dir, prefix, "standard"))
+    assert (tmp_path / "elsewhere" / "avg.json").is_file()
+    sample = PreparedData(prepared).samples(PAIR, "test")[0]
+    # Standard: both colour images enter as their BT.601 luma (the functional one = prepared A).
+    fused_luma = luma_uint8(read_image(fused_dir / "101.png"))
+    expected = evaluate_images(fused_luma, sample.a, sample.b, "standard", names=("CC", "MI"))
+    assert per_pair.loc[0, "CC"] == pytest.approx(expected["CC"], rel=1e-12)
+    assert per_pair.loc[0, "MI"] == pytest.approx(expected["MI"], rel=1e-12)
+
+
+def test_default_prefix_follows_the_results_layout(tmp_path):
+    fused = Path("results/fused/wdualmine/CT-MRI/no_gce")
+    assert default_prefix(fused, "CT-MRI", "standard") == Path(
+        "results/metrics/standard/wdualmine/CT-MRI/no_gce"
+    )
+    with pytest.raises(DataError, match="give --out PREFIX"):
+        default_prefix(tmp_path / "my_fusions", "CT-MRI", "paper")
+    with pytest.raises(DataError, match="folder is for CT-MRI, but --pair is PET-MRI"):
+        default_prefix(fused.with_name("full"), "PET-MRI", "paper")
+
+
+# ----------------------------------------------------------------------------- bad folders
+def test_missing_image_is_named(prepared, fused_dir):
+    (fused_dir / "102.png").unlink()
+    with pytest.raises(DataError, match=r"missing fused image\(s\) for 1 test pair\(s\): 102\.png"):
+        evaluate_from_args(_params(prepared), _args(fused_dir))
+
+
+def test_extra_image_is_named(prepared, fused_dir):
+    write_image(fused_dir / "999.png", np.zeros((SIZE, SIZE), np.uint8))
+    with pytest.raises(DataError, match=r"1 fused image\(s\) match no test pair: 999\.png"):
+        evaluate_from_args(_params(prepared), _args(fused_dir))
+
+
+def test_mis_sized_image_is_named_with_its_sources(prepared, fused_dir):
+    write_image(fused_dir / "103.png", np.zeros((SIZE - 8, SIZE), np.uint8))
+    with pytest.raises(DataError, match=r"103\.png: size 48 x 40 differs from its sources .*B/103"):
+        evaluate_from_args(_params(prepared), _args(fused_dir))
+
+
+def test_unknown_convention_is_a_clear_error(prepared, fused_dir):
+    with pytest.raises(DataError, match="unknown metric convention 'ieee'"):
+        evaluate_from_args(_params(prepared), _args(fused_dir, convention="ieee"))
+
+
+def test_cli_runs_and_reports_errors_in_one_line(prepared, fused_dir, tmp_path, repo_root, capsys):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"prepare": {"out_dir": str(prepared)}}}))
+    base = ["evaluate", "--params", str(repo_root / "params.yaml"), "--overlay", str(overlay)]
+    base += ["--pair", PAIR, "--fused", str(fused_dir)]
+    assert main([*base, "--out", str(tmp_path / "cli" / "run")]) == 0
+    assert (tmp_path / "cli" / "run.csv").is_file()
+    capsys.readouterr()
+    (fused_dir / "101.png").unlink()
+    assert main(base) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "101.png" in err
+
+
+# ----------------------------------------------------------------------------- MLflow
+def test_summary_is_logged_to_an_active_mlflow_run_only(prepared, fused_dir, monkeypatch):
+    logged: dict[str, float] = {}
+    stub = types.SimpleNamespace(active_run=lambda: object(), log_metrics=logged.update)
+    monkeypatch.setitem(sys.modules, "mlflow", stub)
+    evaluate_from_args(_params(prepared), _args(fused_dir))
+    assert {"paper/EN", "paper/EN_std", "paper/FMI_dct"} <= set(logged)
+
+    logged.clear()
+    stub.active_run = lambda: None  # imported, but no run: nothing is started or logged
+    evaluate_from_args(_params(prepared), _args(fused_dir))
+    assert logged == {}
+
+
+# ----------------------------------------------------------------------------- published tables
+# W-DUALMINE paper, Tables 1-3, ASFE-Fusion rows (mean, population std over the 24 test pairs).
+PAPER_ASFE = {
+    "CT-MRI": {
+        "EN": (5.4855, 0.2734),
+        "MI": (3.1463, 0.1605),
+        "CC": (0.8302, 0.0238),
+        "PSNR_paper": (63.9884, 0.7845),
+    },
+    "PET-MRI": {
+        "EN": (6.0738, 0.4906),
+        "MI": (3.6221, 0.2654),
+        "CC": (0.8689, 0.0233),
+        "PSNR_paper": (62.0347, 0.5095),
+    },
+    "SPECT-MRI": {
+        "EN": (6.2349, 0.3420),
+        "MI": (3.0885, 0.2049),
+        "CC": (0.9107, 0.0166),
+        "PSNR_paper": (64.4850, 1.0798),
+    },
+}
+
+# metrics.md, "What average fusion gives" (Y of YCbCr for colour, grey PSNR_paper).
+AVERAGE_TABLE = {
+    "CT-MRI": {
+        "EN": (4.1805, 0.2340),
+        "MI": (3.6855, 0.2447),
+        "CC": (0.8308, 0.0238),
+        "PSNR_paper": (64.1184, 0.8056),
+    },
+    "PET-MRI": {
+        "EN": (5.1208, 0.5939),
+        "MI": (4.2845, 0.3535),
+        "CC": (0.8689, 0.0233),
+        "PSNR_paper": (63.8433, 0.7939),
+    },
+    "SPECT-MRI": {
+        "EN": (4.6703, 0.5920),
+        "MI": (3.8653, 0.3957),
+        "CC": (0.9117, 0.0166),
+        "PSNR_paper": (68.9358, 1.4392),
+    },
+}
+
+
+def _rounded(summary: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    return {m: (round(r["mean"], 4), round(r["std"], 4)) for m, r in summary.iterrows()}
+
+
+@pytest.mark.parametrize("pair", list(PAPER_ASFE))
+def test_paper_convention_reproduces_the_published_asfe_fusion_rows(
+    pair, prepared_root, published_mirror
+):
+    per_pair = evaluate_folder(
+        published_mirror / pair, PreparedData(prepared_root), pair, "paper", names=PAPER_ASFE[pair]
+    )
+    assert len(per_pair) == 24
+    assert _rounded(summarise(per_pair, ddof=0)) == PAPER_ASFE[pair]
+    # The sample std (ddof 1) would not give the paper's ± values.
+    assert round(per_pair["EN"].std(ddof=1), 4) != PAPER_ASFE[pair]["EN"][1]
+
+
+def test_fmi_dct_as_the_authors_toolbox_computes_it(prepared_root, published_mirror):
+    per_pair = evaluate_folder(
+        published_mirror / "CT-MRI", PreparedData(prepared_root), "CT-MRI", "paper", ("FMI_dct",)
+    )
+    mean, std = per_pair["FMI_dct"].mean(), per_pair["FMI_dct"].std(ddof=0)
+    assert (round(mean, 4), round(std, 4)) == (0.4207, 0.0087)  # Octave run of the toolbox
+    assert round(mean, 4) != 0.4066  # the paper's FMI column is not what these images give
+
+
+def _truncated_luma(rgb: np.ndarray) -> np.ndarray:
+    # The table's Y is the BT.601 luma truncated to 8 bits; the prepared A rounds it instead.
+    return np.floor(rgb_to_ycbcr(rgb)[..., 0]).astype(np.uint8)
+
+
+def _average_fusion_scores(pair: str, prepared_root: Path, truncate: bool) -> pd.DataFrame:
+    records = []
+    for sample in PreparedData(prepared_root).samples(pair, "test"):
+        y = sample.a if sample.a_rgb is None or not truncate else _truncated_luma(sample.a_rgb)
+        fused = np.rint((y.astype(float) + sample.b) / 2).astype(np.uint8)
+        scores = evaluate_images(fused, y, sample.b, "standard", names=AVERAGE_TABLE[pair])
+        records.append({"name": sample.name, **scores})
+    return pd.DataFrame(records)
+
+
+@pytest.mark.parametrize("pair", list(AVERAGE_TABLE))
+def test_average_fusion_table_of_metrics_md(pair, prepared_root):
+    per_pair = _average_fusion_scores(pair, prepared_root, truncate=True)
+    assert len(per_pair) == 24
+    assert _rounded(summarise(per_pair)) == AVERAGE_TABLE[pair]
+
+
+def test_average_fusion_table_is_not_reached_with_the_rounded_prepared_luma(prepared_root):
+    per_pair = _average_fusion_scores("PET-MRI", prepared_root, truncate=False)
+    assert round(per_pair["EN"].mean(), 4) != AVERAGE_TABLE["PET-MRI"]["EN"][0]
+
+
+@pytest.mark.slow
+def test_cli_scores_every_metric_of_the_published_images(
+    prepared_root, published_mirror, tmp_path, repo_root
+):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"data": {"prepare": {"out_dir": str(prepared_root)}}}))
+    prefix = tmp_path / "asfe"
+    code = main(
+        [
+            "evaluate",
+            "--params",
+            str(repo_root / "params.yaml"),
+            "--overlay",
+            str(overlay),
+            "--pair",
+            "CT-MRI",
+            "--fused",
+            str(published_mirror / "CT-MRI"),
+            "--out",
+            str(prefix),
+        ]
+    )
+    assert code == 0
+    flat = json.loads((tmp_path / "asfe.json").read_text())
+    assert round(flat["EN"], 4) == 5.4855 and round(flat["FMI_dct"], 4) == 0.4207
+    assert all(math.isfinite(flat[m]) for m in METRIC_NAMES)
