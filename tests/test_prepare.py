@@ -127,3 +127,14 @@ def test_seeded_resplit_is_reproducible_and_disjoint(tmp_path):
     second = prepare(raw, tmp_path / "b", ["PET-MRI"], split="seeded", test_size=3, seed=7)
     assert first[["name", "split"]].equals(second[["name", "split"]])
     assert (first.split == "test").sum() == 3
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    from medfuse.io import write_text_atomic
+
+    write_text_atomic(tmp_path / "x.txt", "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "x.txt").stat().st_mode & 0o777 == 0o666 & ~umask
