@@ -75,3 +75,48 @@ def tiny_pair() -> tuple[np.ndarray, np.ndarray]:
 def make_pair():
     """Factory: make_pair(size, seed) -> (a, b) uint8 grey images."""
     return _blob_pair
+
+
+@pytest.fixture
+def tiny_prepared(tmp_path: Path, make_pair) -> Path:
+    """A prepared tree (via `medfuse.data.prepare`) of synthetic 32 x 32 pairs: CT-MRI (grey)
+    and PET-MRI (RGB functional), 3 train and 2 test pairs each."""
+    from medfuse.data.prepare import prepare
+    from medfuse.io import write_image
+
+    raw = tmp_path / "raw"
+    for pair, functional in (("CT-MRI", "CT"), ("PET-MRI", "PET")):
+        for split, count in (("train", 3), ("test", 2)):
+            for i in range(count):
+                a, b = make_pair(32, 100 * len(pair) + 10 * len(split) + i)
+                if functional == "PET":  # a pseudo-colour image made from A
+                    a = np.stack([a, a // 2, (255 - a) // 4], axis=-1).astype(np.uint8)
+                write_image(raw / pair / split / functional / f"{i + 1}.png", a)
+                write_image(raw / pair / split / "MRI" / f"{i + 1}.png", b)
+    out = tmp_path / "prepared"
+    prepare(raw, out, pairs=["CT-MRI", "PET-MRI"])
+    return out
+
+
+@pytest.fixture(scope="session")
+def _mlflow_db_template(tmp_path_factory: pytest.TempPathFactory, params: dict) -> Path:
+    """An MLflow SQLite store created once per session (creating one costs seconds)."""
+    from medfuse.tracking import init_store
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the environment's store wins else
+        tracking = {"uri": f"sqlite:///{db}", "artifact_root": str(db.parent)}
+        init_store({**params, "tracking": tracking})
+    return db
+
+
+@pytest.fixture
+def tracking(tmp_path: Path, _mlflow_db_template: Path, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """A `tracking` params section: a fresh copy of an empty store, artifacts in tmp_path."""
+    import shutil
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_mlflow_db_template, db)
+    return {"uri": f"sqlite:///{db}", "artifact_root": str(tmp_path / "mlartifacts")}

@@ -107,10 +107,12 @@ def test_unreachable_base_url_fails_after_retries_leaving_nothing(tmp_path):
     assert not any(p.is_file() for p in out.rglob("*"))
 
 
-def test_missing_file_on_server_is_reported(tmp_path, mirror_url):
+def test_missing_file_is_reported_without_retrying(tmp_path, mirror_url):
     manifest = _manifest(tmp_path, {"MyDatasets/none.png": b"x"})
-    with pytest.raises(DownloadError, match=r"none\.png"):
-        download(manifest, mirror_url, tmp_path / "out", FAST, progress=False)
+    slow = DownloadSettings(workers=1, retries=3, backoff_s=30, timeout_s=5)
+    for source in (mirror_url, str(tmp_path)):  # a 404 and a file missing from a directory
+        with pytest.raises(DownloadError, match=r"none\.png: not available from"):
+            download(manifest, source, tmp_path / "out", slow, progress=False)
 
 
 def test_bad_manifest_line_names_file_and_line(tmp_path):

@@ -335,3 +335,49 @@ def test_fmi_feature_maps():
     assert wavelet.min() == 0.0 and wavelet.max() == 1.0
     with pytest.raises(ValueError, match="unknown FMI feature"):
         fmi.feature_map(step, "sift")
+
+
+def _scene_with_skipped_and_special_windows() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Few-level maps with every kind of window the fast path treats specially: black
+    background in all three (both sides equal: dropped before scoring), F equal to A only,
+    B equal to F only after F was normalised (values 0/1 against F's 0/2), flat F windows,
+    and an anti-correlated patch (Fréchet lower bound)."""
+    rng = np.random.default_rng(23)
+    fa, fb, ff = (rng.integers(0, 4, (13, 14)).astype(float) for _ in range(3))
+    fa[:5, :5] = fb[:5, :5] = ff[:5, :5] = 0.0  # black in all three
+    ff[5:9, :6] = fa[5:9, :6]  # F equals A here
+    ff[:5, 8:] = 2.0 * rng.integers(0, 2, (5, 6))  # F in {0, 2} ...
+    fb[:5, 8:] = ff[:5, 8:] / 2.0  # ... and B is F normalised
+    ff[9:, 9:] = 3.0  # flat F
+    fa[8:, :5] = rng.random((5, 5))
+    ff[8:, :5] = 1.0 - fa[8:, :5]  # anti-correlated with A
+    return fa, fb, ff
+
+
+@pytest.mark.parametrize("compact_share", [0.0, 1.0])
+def test_fast_fmi_in_small_blocks_with_skipped_windows_equals_the_toolbox_loop(
+    monkeypatch, compact_share
+):
+    fa, fb, ff = _scene_with_skipped_and_special_windows()
+    # Blocks of 17 windows (the last one partial); equal windows either dropped or masked.
+    monkeypatch.setattr(fmi, "_CHUNK", 17)
+    monkeypatch.setattr(fmi, "_COMPACT_SHARE", compact_share)
+    fast = fmi.fmi_of_features(fa, fb, ff)
+    assert fast == pytest.approx(_reference_fmi(fa, fb, ff), abs=1e-12)
+
+
+def test_window_blocks_hold_matlab_column_major_windows():
+    x = np.arange(5 * 7, dtype=float).reshape(5, 7)
+    for w in (3, 5):
+        block = np.take(x.ravel(), fmi._top_left(x.shape, w) + fmi._window_offsets(x.shape, w))
+        windows = [x[p : p + w, q : q + w] for p in range(6 - w) for q in range(8 - w)]
+        expected = np.stack([win.flatten(order="F") for win in windows], axis=1)
+        assert np.array_equal(block, expected)
+
+
+def test_fast_fmi_of_random_continuous_maps_in_blocks_equals_the_toolbox_loop(monkeypatch):
+    rng = np.random.default_rng(31)
+    fa, fb = rng.normal(size=(12, 13)), rng.normal(size=(12, 13))
+    ff = 0.5 * (fa - fb) + 0.3 * rng.normal(size=(12, 13))  # both bounds occur
+    monkeypatch.setattr(fmi, "_CHUNK", 40)
+    assert fmi.fmi_of_features(fa, fb, ff) == pytest.approx(_reference_fmi(fa, fb, ff), abs=1e-12)

@@ -119,6 +119,13 @@ def _verify(tmp: Path, entry: ManifestEntry) -> None:
         raise ChecksumError(f"{entry.path}: sha256 {digest} does not match manifest {entry.sha256}")
 
 
+def _is_permanent(exc: Exception) -> bool:
+    """A file missing from a mirror or a 4xx answer will not appear by retrying."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return 400 <= exc.code < 500 and exc.code not in (408, 429)
+    return isinstance(exc, FileNotFoundError)
+
+
 def fetch_one(base: str, entry: ManifestEntry, out_dir: Path, settings: DownloadSettings) -> bool:
     """Fetch one file unless already complete; return True when it was fetched."""
     target = out_dir / entry.path
@@ -136,6 +143,8 @@ def fetch_one(base: str, entry: ManifestEntry, out_dir: Path, settings: Download
         except (OSError, urllib.error.URLError, ChecksumError) as exc:
             last_error = exc
             log.debug("attempt %d for %s failed: %s", attempt + 1, entry.path, exc)
+            if _is_permanent(exc):
+                raise DownloadError(f"{entry.path}: not available from {base}: {exc}") from exc
     raise DownloadError(
         f"{entry.path}: failed after {settings.retries + 1} attempts from {base}: {last_error}"
     )

@@ -1,0 +1,264 @@
+"""`medfuse fuse`: every registered method fuses the same way.
+
+Two uses:
+- `--pair P`: fuse P's prepared test split into results/fused/<method>/<pair>/<variant>/:
+  <name>.png is what a user sees (RGB for PET/SPECT: the fused luma put back with the functional
+  image's Cb/Cr; grey for CT) and y/<name>.png the grey fused luma the metrics read.
+- `A.png B.png -o OUT.png`: any registered pair given by the user (A grey or RGB functional/CT,
+  B the MRI); an RGB A is fused through its luma and recoloured.
+
+Classical methods build a `Fuser`; learned ones load their trained weights into the network the
+registry builds; `published` methods copy the authors' released image for each test pair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfuse.config import canonical_method, method_config
+from medfuse.data.colour import luma_uint8, recolour
+from medfuse.data.prepared import PreparedData
+from medfuse.errors import ConfigError, DataError
+from medfuse.io import atomic_path, read_image, to_uint8, write_image
+from medfuse.methods.base import Fuser
+from medfuse.methods.registry import build_method
+from medfuse.train import (
+    META,
+    WEIGHTS,
+    build_learned,
+    default_model_dir,
+    keep_freed_memory,
+    load_checkpoint,
+    predict_pair,
+    resolve_device,
+)
+
+log = logging.getLogger(__name__)
+
+
+def default_fused_dir(method: str, pair: str, variant: str) -> Path:
+    return Path("results") / "fused" / canonical_method(method) / pair / variant
+
+
+class NetFuser:
+    """A trained `FusionNet` seen through the `Fuser` interface (float [0, 1] in and out)."""
+
+    def __init__(self, name: str, net: Any, device: str) -> None:
+        self.name = name
+        self.net = net.to(device).eval()
+        self.device = device
+
+    def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return predict_pair(self.net, a, b, self.device)
+
+
+def _weights_meta(weights: Path) -> dict[str, Any]:
+    """model.json beside the weights (what built them), or {} when there is none."""
+    meta_path = weights.with_name(META) if weights.name == WEIGHTS else weights.with_suffix(".json")
+    if not meta_path.is_file():
+        return {}
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{meta_path}: invalid JSON ({exc})") from exc
+
+
+def load_learned(
+    method: str, config: dict[str, Any], weights: Path, device: str, pair: str | None = None
+) -> NetFuser:
+    """The network the weights were trained as (config from model.json when present)."""
+    state = load_checkpoint(weights, map_location=device)
+    if "model" in state and "epoch" in state:  # a training checkpoint carries its own meta
+        meta = {k: state[k] for k in ("method", "pair", "config") if k in state}
+        state = state["model"]
+    else:
+        meta = _weights_meta(weights)
+    if meta.get("method") not in (None, method):
+        raise ConfigError(f"{weights}: trained for method {meta['method']!r}, not {method!r}")
+    saved = meta.get("config", config)
+    net = build_learned(
+        method, json.loads(saved) if isinstance(saved, str) else saved, meta.get("pair", pair)
+    )
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise DataError(f"{weights}: weights do not fit method {method!r} ({first})") from exc
+    return NetFuser(method, net, device)
+
+
+def load_fuser(
+    params: Mapping[str, Any],
+    method: str,
+    variant: str = "full",
+    pair: str | None = None,
+    model_path: Path | None = None,
+    device: str | None = None,
+) -> Fuser:
+    """Any registered classical or learned method, ready to `fuse(a, b)`."""
+    config = method_config(params, method, variant)
+    kind = config.get("kind")
+    if kind == "classical":
+        return build_method(method, config)
+    if kind == "learned":
+        if model_path is None:
+            if pair is None:
+                raise ConfigError(
+                    f"{method} is a learned method: give its weights with --model, or --pair to "
+                    f"use results/models/{canonical_method(method)}/<pair>/{variant}/{WEIGHTS}"
+                )
+            model_path = default_model_dir(method, pair, variant) / WEIGHTS
+        if not Path(model_path).is_file():
+            raise DataError(
+                f"{model_path}: no trained weights; run `medfuse train --method {method}"
+                f"{' --pair ' + pair if pair else ''} --variant {variant}` first"
+            )
+        device = resolve_device(device or params.get("train", {}).get("device", "auto"))
+        keep_freed_memory()
+        return load_learned(method, config, Path(model_path), device, pair)
+    raise ConfigError(
+        f"method {method!r} ({kind}) only has released images for the test pairs; use --pair"
+    )
+
+
+def write_fused(out_dir: Path, name: str, fused_y: np.ndarray, a_rgb: np.ndarray | None) -> None:
+    """<name>.png (RGB when the functional image is colour) and y/<name>.png (grey luma)."""
+    write_image(out_dir / "y" / f"{name}.png", fused_y)
+    write_image(out_dir / f"{name}.png", recolour(fused_y, a_rgb) if a_rgb is not None else fused_y)
+
+
+def copy_published(
+    params: Mapping[str, Any], config: Mapping[str, Any], pair: str, names: list[str], out: Path
+) -> None:
+    """The authors' released fused image for each test name, and its luma under y/."""
+    from medfuse.data.download import dataset_dir
+
+    dataset = config.get("dataset")
+    if dataset not in params["data"]["datasets"]:
+        raise ConfigError(f"published method needs a dataset in data.datasets, got {dataset!r}")
+    source_dir = dataset_dir(params, dataset) / pair
+    for name in names:
+        source = source_dir / f"{name}.png"
+        if not source.is_file():
+            raise DataError(
+                f"{source}: published fusion of test pair {name} not found; "
+                f"run `medfuse download --dataset {dataset}`"
+            )
+        image = read_image(source)
+        with atomic_path(out / f"{name}.png") as tmp:
+            shutil.copyfile(source, tmp)
+        write_image(out / "y" / f"{name}.png", luma_uint8(image) if image.ndim == 3 else image)
+
+
+def fuse_test_split(
+    params: Mapping[str, Any],
+    method: str,
+    pair: str,
+    variant: str = "full",
+    out: Path | None = None,
+    model_path: Path | None = None,
+    device: str | None = None,
+) -> Path:
+    """Fuse every test pair of `pair`; returns the output folder. Logged to MLflow."""
+    from medfuse.tracking import start_run
+
+    out = Path(out) if out is not None else default_fused_dir(method, pair, variant)
+    config = method_config(params, method, variant)
+    prepared = PreparedData(params["data"]["prepare"]["out_dir"])
+    rows = prepared.rows(pair, "test")
+    start = time.perf_counter()
+    if config.get("kind") == "published":
+        copy_published(params, config, pair, [str(n) for n in rows["name"]], out)
+        fuse_s = 0.0
+    else:
+        fuser = load_fuser(params, method, variant, pair, model_path, device)
+        fuse_s = 0.0
+        for _, row in rows.iterrows():
+            sample = prepared.load(row)
+            tic = time.perf_counter()
+            fused = fuser.fuse(sample.a / 255.0, sample.b / 255.0)
+            fuse_s += time.perf_counter() - tic
+            write_fused(out, sample.name, to_uint8(fused), sample.a_rgb)
+    total_s = time.perf_counter() - start
+    log.info("fused %d %s test pairs with %s into %s", len(rows), pair, method, out)
+    with start_run(
+        params, step="fuse", method=method, pair=pair, variant=variant, log_all_params=False
+    ) as run:
+        run.log_params({"out_dir": str(out), "model": str(model_path or "")})
+        run.log_metrics(
+            {"pairs": len(rows), "ms_per_pair": 1000 * fuse_s / len(rows), "total_s": total_s},
+            step=0,
+        )
+    return out
+
+
+def fuse_files(
+    params: Mapping[str, Any],
+    method: str,
+    path_a: Path,
+    path_b: Path,
+    out: Path,
+    variant: str = "full",
+    model_path: Path | None = None,
+    device: str | None = None,
+    pair: str | None = None,
+) -> Path:
+    """Fuse one user-given registered pair; A may be grey or RGB (fused through its luma)."""
+    a_image = read_image(path_a)
+    b = read_image(path_b, mode="L")
+    a_rgb = None
+    if a_image.ndim == 3 and not (
+        np.array_equal(a_image[..., 0], a_image[..., 1])
+        and np.array_equal(a_image[..., 0], a_image[..., 2])
+    ):
+        a_rgb, a = a_image, luma_uint8(a_image)
+    else:
+        a = a_image if a_image.ndim == 2 else a_image[..., 0]
+    if a.shape != b.shape:
+        raise DataError(
+            f"{path_a} is {a.shape[0]}x{a.shape[1]} but {path_b} is {b.shape[0]}x{b.shape[1]}: "
+            "the two sources must be registered images of the same size"
+        )
+    fuser = load_fuser(params, method, variant, pair, model_path, device)
+    fused_y = to_uint8(fuser.fuse(a / 255.0, b / 255.0))
+    write_image(out, recolour(fused_y, a_rgb) if a_rgb is not None else fused_y)
+    return out
+
+
+def fuse_from_args(params: Mapping[str, Any], args: argparse.Namespace) -> Path:
+    """The CLI's `fuse` command (see the module docstring for the two uses)."""
+    images = list(args.images or [])
+    if args.pair is not None and not images:
+        out = fuse_test_split(
+            params, args.method, args.pair, args.variant, args.out, args.model, args.device
+        )
+    elif len(images) == 2:
+        if args.out is None:
+            raise ConfigError("fusing two images needs an output file: -o OUT.png")
+        out = fuse_files(
+            params,
+            args.method,
+            images[0],
+            images[1],
+            args.out,
+            args.variant,
+            args.model,
+            args.device,
+            args.pair,
+        )
+    else:
+        raise ConfigError(
+            "give --pair P to fuse a test split, or two images: medfuse fuse A.png B.png -o OUT.png"
+            f" (got {len(images)} image(s){' and --pair' if args.pair else ''})"
+        )
+    print(out)
+    return out

@@ -1,0 +1,262 @@
+"""`medfuse fuse`: test splits and user-given pairs, for every registered method."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medfuse.config import deep_merge, load_params, method_config, validate
+from medfuse.data.colour import luma_uint8, recolour
+from medfuse.data.prepared import PreparedData
+from medfuse.errors import ConfigError, DataError
+from medfuse.fuse import fuse_files, fuse_from_args, fuse_test_split
+from medfuse.io import read_image, write_image
+from medfuse.methods.registry import method_names
+from medfuse.train import build_learned, save_weights
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "workflow" / "profiles" / "quick" / "params.yaml"
+TINY_WDUALMINE = {"model": {"widths": [4, 8, 8, 8], "proj_dim": 8}}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fuse_params(tiny_prepared: Path, tracking: dict) -> dict:
+    """The quick profile (tiny peers) on the tiny prepared tree, tracking in tmp_path."""
+    params = load_params(REPO / "params.yaml", [QUICK])
+    overlay = {
+        "data": {"prepare": {"out_dir": str(tiny_prepared)}},
+        "tracking": tracking,
+        "train": {"device": "cpu"},
+        "methods": {"wdualmine": TINY_WDUALMINE},
+    }
+    merged = deep_merge(params, overlay)
+    validate(merged)
+    return merged
+
+
+def untrained_weights(params: dict, method: str, pair: str, folder: Path) -> Path:
+    """Weights in the training loop's format (model.pt + model.json), without training."""
+    config = method_config(params, method)
+    torch.manual_seed(0)
+    net = build_learned(method, config, pair)
+    meta = {"method": method, "pair": pair, "variant": "full", "config": config}
+    return save_weights(folder, net, meta)
+
+
+def test_fuses_a_colour_test_split(fuse_params: dict, tmp_path: Path) -> None:
+    weights = untrained_weights(fuse_params, "wdualmine", "PET-MRI", tmp_path / "m")
+    out = fuse_test_split(
+        fuse_params, "wdualmine", "PET-MRI", out=tmp_path / "fused", model_path=weights
+    )
+    samples = PreparedData(fuse_params["data"]["prepare"]["out_dir"]).samples("PET-MRI", "test")
+    assert sorted(p.name for p in out.glob("*.png")) == sorted(f"{s.name}.png" for s in samples)
+    for sample in samples:
+        shown = read_image(out / f"{sample.name}.png")
+        grey = read_image(out / "y" / f"{sample.name}.png", mode="L")
+        assert shown.shape == (32, 32, 3) and grey.shape == (32, 32)
+        # The colour image is the fused luma put back with the PET's own chroma.
+        np.testing.assert_array_equal(shown, recolour(grey, sample.a_rgb))
+        assert not np.array_equal(grey, sample.a)
+
+
+def test_default_layout_and_grey_pairs(
+    fuse_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    untrained_weights(
+        fuse_params, "wdualmine", "CT-MRI", Path("results/models/wdualmine/CT-MRI/full")
+    )
+    out = fuse_test_split(fuse_params, "wdualmine", "CT-MRI")
+    assert out == Path("results/fused/wdualmine/CT-MRI/full")
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert len(names) == 2
+    for name in names:
+        np.testing.assert_array_equal(
+            read_image(out / name), read_image(out / "y" / name, mode="L")
+        )
+
+
+def test_classical_method_through_the_registry(fuse_params: dict, tmp_path: Path) -> None:
+    out = fuse_test_split(fuse_params, "average", "CT-MRI", out=tmp_path / "avg")
+    for sample in PreparedData(fuse_params["data"]["prepare"]["out_dir"]).samples("CT-MRI", "test"):
+        expected = np.rint((sample.a / 255.0 + sample.b / 255.0) / 2 * 255).astype(np.uint8)
+        got = read_image(out / "y" / f"{sample.name}.png", mode="L")
+        assert np.abs(got.astype(int) - expected).max() <= 1
+
+
+def test_fuse_is_logged_to_mlflow(fuse_params: dict, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from medfuse.tracking import tracking_uri
+
+    fuse_test_split(fuse_params, "max", "CT-MRI", out=tmp_path / "max")
+    client = MlflowClient(tracking_uri(fuse_params))
+    (run,) = client.search_runs([client.get_experiment_by_name("CT-MRI").experiment_id])
+    assert run.data.tags["step"] == "fuse" and run.data.tags["method"] == "max"
+    assert run.data.metrics["pairs"] == 2 and run.data.metrics["ms_per_pair"] > 0
+
+
+def test_published_images_are_copied(fuse_params: dict, tmp_path: Path) -> None:
+    names = [
+        s.name
+        for s in PreparedData(fuse_params["data"]["prepare"]["out_dir"]).samples("PET-MRI", "test")
+    ]
+    published = tmp_path / "raw" / "published-asfe-fusion"  # <data.raw_dir>/<dataset>
+    rng = np.random.default_rng(0)
+    for name in names:
+        write_image(
+            published / "PET-MRI" / f"{name}.png", rng.integers(0, 256, (32, 32, 3), np.uint8)
+        )
+    params = deep_merge(fuse_params, {"data": {"raw_dir": str(tmp_path / "raw")}})
+    out = fuse_test_split(params, "published:asfe-fusion", "PET-MRI", out=tmp_path / "pub")
+    for name in names:
+        source = read_image(published / "PET-MRI" / f"{name}.png")
+        np.testing.assert_array_equal(read_image(out / f"{name}.png"), source)
+        np.testing.assert_array_equal(read_image(out / "y" / f"{name}.png"), luma_uint8(source))
+    (published / "PET-MRI" / f"{names[0]}.png").unlink()
+    with pytest.raises(DataError, match=rf"{names[0]}\.png: published fusion .* not found"):
+        fuse_test_split(params, "published-asfe-fusion", "PET-MRI", out=tmp_path / "pub2")
+
+
+def _write_pair(folder: Path, a: np.ndarray, b: np.ndarray) -> tuple[Path, Path]:
+    write_image(folder / "a.png", a)
+    write_image(folder / "b.png", b)
+    return folder / "a.png", folder / "b.png"
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_registered_method_fuses_two_given_images(
+    method: str, fuse_params: dict, tmp_path: Path, make_pair
+) -> None:
+    a, b = make_pair(32, 3)
+    path_a, path_b = _write_pair(tmp_path, a, b)
+    model = None
+    if method_config(fuse_params, method)["kind"] == "learned":
+        model = untrained_weights(fuse_params, method, "CT-MRI", tmp_path / "w")
+    out = fuse_files(fuse_params, method, path_a, path_b, tmp_path / "f.png", model_path=model)
+    fused = read_image(out, mode="L")
+    assert fused.shape == (32, 32)
+
+
+def test_rgb_functional_and_odd_size(fuse_params: dict, tmp_path: Path, make_pair) -> None:
+    a, b = make_pair(40, 5)
+    a, b = a[:30, :37], b[:30, :37]  # not a multiple of 16: padded and cropped back
+    pet = np.stack([a, a // 2, 255 - a], axis=-1).astype(np.uint8)
+    path_a, path_b = _write_pair(tmp_path, pet, b)
+    weights = untrained_weights(fuse_params, "wdualmine", "PET-MRI", tmp_path / "w")
+    out = fuse_files(
+        fuse_params, "wdualmine", path_a, path_b, tmp_path / "o.png", model_path=weights
+    )
+    fused = read_image(out)
+    assert fused.shape == (30, 37, 3)
+
+
+def test_size_mismatch_names_both_files(fuse_params: dict, tmp_path: Path, make_pair) -> None:
+    a, _ = make_pair(32, 0)
+    _, b = make_pair(48, 0)
+    path_a, path_b = _write_pair(tmp_path, a, b)
+    with pytest.raises(DataError, match=r"a\.png is 32x32 but .*b\.png is 48x48"):
+        fuse_files(fuse_params, "average", path_a, path_b, tmp_path / "o.png")
+
+
+def test_learned_method_needs_weights(fuse_params: dict, tmp_path: Path, make_pair) -> None:
+    path_a, path_b = _write_pair(tmp_path, *make_pair(32, 0))
+    with pytest.raises(ConfigError, match="--model"):
+        fuse_files(fuse_params, "wdualmine", path_a, path_b, tmp_path / "o.png")
+    with pytest.raises(DataError, match="no trained weights"):
+        fuse_files(
+            fuse_params,
+            "wdualmine",
+            path_a,
+            path_b,
+            tmp_path / "o.png",
+            model_path=tmp_path / "missing.pt",
+        )
+
+
+def test_pickled_weights_are_refused(fuse_params: dict, tmp_path: Path, make_pair) -> None:
+    path_a, path_b = _write_pair(tmp_path, *make_pair(32, 0))
+    evil = tmp_path / "evil.pt"
+    torch.save({"x": object()}, evil)
+    with pytest.raises(DataError, match="refused"):
+        fuse_files(fuse_params, "wdualmine", path_a, path_b, tmp_path / "o.png", model_path=evil)
+
+
+def test_cli_fuse_two_images(fuse_params: dict, tmp_path: Path, make_pair) -> None:
+    import yaml
+
+    from medfuse.cli import main
+
+    path_a, path_b = _write_pair(tmp_path, *make_pair(32, 0))
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(
+        yaml.safe_dump({"data": fuse_params["data"], "tracking": fuse_params["tracking"]})
+    )
+    out = tmp_path / "cli.png"
+    code = main(
+        [
+            "fuse",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--overlay",
+            str(overlay),
+            "--method",
+            "dwt",
+            str(path_a),
+            str(path_b),
+            "-o",
+            str(out),
+        ]
+    )
+    assert code == 0 and read_image(out, mode="L").shape == (32, 32)
+    code = main(["fuse", "--params", str(REPO / "params.yaml"), "--method", "dwt", str(path_a)])
+    assert code == 2  # one image: a clear one-line error, not a traceback
+
+
+def test_fuse_from_args_needs_pair_or_two_images(fuse_params: dict) -> None:
+    import argparse
+
+    args = argparse.Namespace(
+        images=[], method="average", variant="full", model=None, pair=None, out=None, device=None
+    )
+    with pytest.raises(ConfigError, match="give --pair"):
+        fuse_from_args(fuse_params, args)
+
+
+def test_a_training_checkpoint_can_be_used_as_weights(
+    fuse_params: dict, tmp_path: Path, make_pair
+) -> None:
+    from medfuse.train import _checkpoint, _resume_key, save_checkpoint
+
+    config = method_config(fuse_params, "wdualmine", "no_we")
+    net = build_learned("wdualmine", config, "CT-MRI")
+    trainer = {
+        "model": net,
+        "optimiser": torch.optim.Adam(net.parameters()),
+        "scaler": None,
+        "generator": torch.Generator(),
+    }
+    key = _resume_key("wdualmine", "CT-MRI", "no_we", config)
+    save_checkpoint(tmp_path / "checkpoint.pt", _checkpoint(trainer, key, 1, "run"))
+    path_a, path_b = _write_pair(tmp_path, *make_pair(32, 0))
+    # The checkpoint's config (no_we) builds the network, whatever --variant says.
+    out = fuse_files(
+        fuse_params,
+        "wdualmine",
+        path_a,
+        path_b,
+        tmp_path / "o.png",
+        model_path=tmp_path / "checkpoint.pt",
+    )
+    assert read_image(out, mode="L").shape == (32, 32)

@@ -1,0 +1,314 @@
+"""The training loop: data augmentation, checkpoints, exact resume, MLflow logging, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medfuse.config import deep_merge, validate
+from medfuse.data.dataset import Augment, PairDataset, augment_pair
+from medfuse.data.prepared import PreparedData
+from medfuse.errors import ConfigError, DataError
+from medfuse.methods.wdualmine import WDualmine
+from medfuse.train import (
+    CHECKPOINT,
+    META,
+    WEIGHTS,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    train_from_params,
+)
+
+TINY_METHOD = {
+    "model": {"widths": [4, 8, 8, 8], "proj_dim": 8},
+    "optim": {"batch_size": 2, "epochs": 2, "lr": 1e-3},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP barrier stalls on a busy shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_overlay(prepared: Path, tracking: dict) -> dict:
+    return {
+        "data": {"prepare": {"out_dir": str(prepared)}},
+        "tracking": tracking,  # an absolute sqlite:////... URI (four slashes)
+        "train": {"image_size": 32, "sample_fusions": 1, "device": "cpu"},
+        "methods": {"wdualmine": TINY_METHOD},
+    }
+
+
+@pytest.fixture
+def tiny_params(params: dict, tiny_prepared: Path, tracking: dict) -> dict:
+    merged = deep_merge(params, tiny_overlay(tiny_prepared, tracking))
+    validate(merged)
+    return merged
+
+
+def client_for(params: dict):
+    from mlflow.tracking import MlflowClient
+
+    from medfuse.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri(params))
+
+
+# ---- data ----
+
+
+def test_augment_is_identical_for_both_images_and_seeded() -> None:
+    a = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    b = 255 - a
+    seen = set()
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        ta, tb = augment_pair(a, b, rng, Augment(), crop=6)
+        assert ta.shape == (6, 6)
+        np.testing.assert_array_equal(tb, 255 - ta)  # the same crop, flips and turn
+        seen.add(ta.tobytes())
+        again = augment_pair(a, b, np.random.default_rng(seed), Augment(), crop=6)
+        np.testing.assert_array_equal(again[0], ta)
+    assert len(seen) > 5
+    off = augment_pair(a, b, np.random.default_rng(0), Augment(False, False, False), None)
+    np.testing.assert_array_equal(off[0], a)
+
+
+def test_dataset_items(tiny_prepared: Path) -> None:
+    samples = PreparedData(tiny_prepared).samples("PET-MRI", "train")
+    data = PairDataset(samples, seed=1, augment=Augment(), crop=16)
+    a, b = data[0]
+    assert a.dtype == torch.float32 and a.shape == (1, 16, 16) and b.shape == (1, 16, 16)
+    assert a.min() >= 0.0 and a.max() <= 1.0
+    torch.testing.assert_close(data[0][0], a)  # same epoch, same item: the same draw
+    epoch0 = [data[i][0] for i in range(len(data))]
+    data.set_epoch(1)
+    assert any(not torch.equal(x, data[i][0]) for i, x in enumerate(epoch0))
+
+
+# ---- checkpoints ----
+
+
+class NotATensor:
+    """Anything a weights-only load must refuse."""
+
+
+def test_pickled_checkpoint_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": NotATensor()}, path)
+    with pytest.raises(DataError, match=r"evil\.pt: refused: not a weights-only checkpoint"):
+        load_checkpoint(path)
+
+
+def test_checkpoint_round_trip_is_atomic(tmp_path: Path) -> None:
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"epoch": 3, "w": torch.ones(2), "rng": {"x": [1, 2]}})
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary left behind
+    loaded = load_checkpoint(path)
+    assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.ones(2))
+
+
+def test_resume_refuses_a_checkpoint_of_another_variant(tiny_params: dict, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    save_checkpoint(
+        out / CHECKPOINT,
+        {"method": "wdualmine", "pair": "CT-MRI", "variant": "no_we", "config": "{}", "epoch": 1},
+    )
+    with pytest.raises(ConfigError, match="variant='no_we'"):
+        train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume=True)
+
+
+def test_resume_refuses_a_pickled_checkpoint(tiny_params: dict, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    out.mkdir()
+    torch.save({"payload": NotATensor()}, out / CHECKPOINT)
+    with pytest.raises(DataError, match="refused"):
+        train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume=True)
+
+
+# ---- the loop ----
+
+
+def test_train_writes_weights_and_logs_to_mlflow(tiny_params: dict, tmp_path: Path) -> None:
+    out = tmp_path / "model"
+    weights = train_from_params(tiny_params, pair="CT-MRI", variant="no_sgm", out_dir=out)
+    assert weights == out / WEIGHTS
+    meta = json.loads((out / META).read_text())
+    assert meta["variant"] == "no_sgm" and meta["config"]["model"]["use_sgm"] is False
+    state = load_checkpoint(weights)
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert load_checkpoint(out / CHECKPOINT)["epoch"] == 2
+
+    client = client_for(tiny_params)
+    experiment = client.get_experiment_by_name("CT-MRI")
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "CT-MRI").as_uri()
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    tags = run.data.tags
+    assert (tags["step"], tags["method"], tags["pair"], tags["variant"]) == (
+        "train",
+        "wdualmine",
+        "CT-MRI",
+        "no_sgm",
+    )
+    assert "git_commit" in tags and len(tags["data_manifest_sha256"]) == 64
+    logged = run.data.params
+    assert logged["seed"] == str(tiny_params["seed"])
+    assert logged["methods.wdualmine.optim.lr"] == "0.001"
+    assert logged["run.epochs"] == "2"
+    for name in (
+        "loss/total",
+        "loss/avg",
+        "loss/grad",
+        "loss/cc",
+        "loss/mi",
+        "loss/rec",
+        "images_per_s",
+        "s_per_step",
+    ):
+        history = client.get_metric_history(run.info.run_id, name)
+        assert [m.step for m in history] == [1, 2], name
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    assert artifacts == {"model/model.pt", "model/model.json"}
+    samples = client.list_artifacts(run.info.run_id, "samples")
+    assert len(samples) == 1 and samples[0].path.endswith(".png")
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(
+    tiny_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    straight = train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "a", epochs=3)
+
+    # 3 train pairs, batch 2: 2 steps per epoch. Die in the middle of epoch 3.
+    original = WDualmine.training_loss
+    calls = {"n": 0}
+
+    def dies_at_step_6(self, a, b):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return original(self, a, b)
+
+    monkeypatch.setattr(WDualmine, "training_loss", dies_at_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "b", epochs=3)
+    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["epoch"] == 2
+    assert not (tmp_path / "b" / WEIGHTS).exists()
+    monkeypatch.setattr(WDualmine, "training_loss", original)
+    resumed = train_from_params(
+        tiny_params, pair="CT-MRI", out_dir=tmp_path / "b", epochs=3, resume=True
+    )
+
+    want, got = load_checkpoint(straight), load_checkpoint(resumed)
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(want[key], got[key]), key
+
+    client = client_for(tiny_params)
+    runs = client.search_runs([client.get_experiment_by_name("CT-MRI").experiment_id])
+    statuses = sorted(r.info.status for r in runs)
+    assert statuses == ["FINISHED", "FINISHED"]  # the killed run was reopened and finished
+    resumed_run = next(
+        r
+        for r in runs
+        if r.info.run_id != json.loads((tmp_path / "a" / META).read_text())["run_id"]
+    )
+    steps = [m.step for m in client.get_metric_history(resumed_run.info.run_id, "loss/total")]
+    assert steps == [1, 2, 3]
+
+
+def test_cli_trains_a_colour_pair(tiny_params: dict, tmp_path: Path) -> None:
+    from medfuse.cli import main
+
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            tiny_overlay(Path(tiny_params["data"]["prepare"]["out_dir"]), tiny_params["tracking"])
+        )
+    )
+    out = tmp_path / "pet"
+    code = main(
+        [
+            "train",
+            "--params",
+            str(Path(__file__).parents[1] / "params.yaml"),
+            "--overlay",
+            str(overlay),
+            "--pair",
+            "PET-MRI",
+            "--variant",
+            "no_l_mi",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    assert json.loads((out / META).read_text())["config"]["loss"]["mi"] == 0.0
+
+
+def test_train_rejects_a_method_without_training(tiny_params: dict) -> None:
+    with pytest.raises(ConfigError, match="not learned"):
+        train_from_params(tiny_params, method="average", pair="CT-MRI")
+
+
+def test_device_resolution() -> None:
+    assert resolve_device("cpu") == "cpu"
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu")
+
+
+def test_keep_freed_memory_applies_on_glibc() -> None:
+    import platform
+    import sys
+
+    from medfuse.train import keep_freed_memory
+
+    applied = keep_freed_memory()
+    assert applied is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")
+
+
+def test_a_longer_run_may_resume_a_shorter_one() -> None:
+    """Raising the epoch count keeps the checkpoint resumable; any other change does not."""
+    from medfuse.train import _resume_key
+
+    base = {"model": {"widths": [4, 8, 8, 8]}, "optim": {"epochs": 2, "lr": 1e-3}}
+    longer = {"model": {"widths": [4, 8, 8, 8]}, "optim": {"epochs": 50, "lr": 1e-3}}
+    other = {"model": {"widths": [4, 8, 8, 8]}, "optim": {"epochs": 2, "lr": 1e-4}}
+    key = _resume_key("wdualmine", "CT-MRI", "full", base)
+    assert key == _resume_key("wdualmine", "CT-MRI", "full", longer)
+    assert key != _resume_key("wdualmine", "CT-MRI", "full", other)
+    assert base["optim"]["epochs"] == 2  # the caller's config is left alone
+
+
+def test_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from medfuse.tracking import flatten, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    params = {"tracking": {"uri": "sqlite:///mlflow.db"}}
+    # A relative SQLite path becomes absolute: sqlite:/// + /abs/path (four slashes).
+    assert tracking_uri(params) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_uri(params).startswith("sqlite:////")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://localhost:5000")
+    assert tracking_uri(params) == "http://localhost:5000"  # the environment wins
+    assert flatten({"a": {"b": 1, "c": [1, 2]}, "d": {}}) == {
+        "a.b": "1",
+        "a.c": "[1, 2]",
+        "d": "{}",
+    }
