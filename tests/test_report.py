@@ -60,11 +60,14 @@ def test_comparison_table_sets_ours_beside_the_paper():
     )
     frame = tables.comparison_table(per_pair, spec, ["wdualmine", "average"])
     ours = frame.set_index("method")
-    assert ours.loc["wdualmine", "EN_paper_mean"] == 4.3394
-    assert abs(ours.loc["wdualmine", "EN_delta"]) < 0.01
-    assert ours.loc["wdualmine", "EN_within_paper_std"]
-    assert np.isnan(ours.loc["average", "EN_paper_mean"])  # the paper has no such row
+    assert ours.loc["wdualmine", "paper_EN_mean"] == 4.3394
+    assert abs(ours.loc["wdualmine", "delta_EN"]) < 0.01
+    assert ours.loc["wdualmine", "within_paper_std_EN"]
+    assert np.isnan(ours.loc["average", "paper_EN_mean"])  # the paper has no such row
     assert ours.loc["wdualmine", "SD_mean"] == pytest.approx(40.0)  # extra metrics kept
+    # our PSNR_paper column is never confused with the paper's PSNR value
+    assert ours.loc["average", "PSNR_paper_mean"] == pytest.approx(64.0)
+    assert ours.loc["wdualmine", "paper_PSNR_mean"] == 64.0891
     md = tables.comparison_markdown(frame, spec["title"])
     assert "4.3394 ± 0.2502" in md and "| average |" in md
 
@@ -80,7 +83,7 @@ def test_ablation_table_and_stats_use_the_reference_method():
     )
     frame = tables.ablation_table(per_pair, spec, list(spec["variants"]))
     assert list(frame.variant) == ["no_gce", "no_we", "no_sgm", "full"]
-    assert frame.set_index("variant").loc["full", "EN_paper"] == 4.3397
+    assert frame.set_index("variant").loc["full", "paper_EN"] == 4.3397
     stats = tables.paired_statistics(per_pair, "CT-MRI", ["EN"])
     assert list(stats.method) == ["max"] and stats.iloc[0]["effect_size"] == 1.0
 

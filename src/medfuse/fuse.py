@@ -141,6 +141,7 @@ def copy_published(
 ) -> None:
     """The authors' released fused image for each test name, and its luma under y/."""
     from medfuse.data.download import dataset_dir
+    from medfuse.data.prepare import resize_square
 
     dataset = config.get("dataset")
     if dataset not in params["data"]["datasets"]:
@@ -154,8 +155,14 @@ def copy_published(
                 f"run `medfuse download --dataset {dataset}`"
             )
         image = read_image(source)
-        with atomic_path(out / f"{name}.png") as tmp:
-            shutil.copyfile(source, tmp)
+        size = params["data"]["prepare"].get("image_size")
+        if size is not None and image.shape[:2] != (size, size):
+            # The sources were resized by `prepare` (small profiles): match them the same way.
+            image = resize_square(image, size)
+            write_image(out / f"{name}.png", image)
+        else:
+            with atomic_path(out / f"{name}.png") as tmp:
+                shutil.copyfile(source, tmp)
         write_image(out / "y" / f"{name}.png", luma_uint8(image) if image.ndim == 3 else image)
 
 

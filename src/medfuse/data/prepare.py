@@ -85,7 +85,8 @@ def find_pairs(raw_root: Path, pair: str, split: str) -> list[RawPair]:
     return [RawPair(pair, split, n, left[n], right[n]) for n in names]
 
 
-def _resized(image: np.ndarray, size: int | None) -> np.ndarray:
+def resize_square(image: np.ndarray, size: int | None) -> np.ndarray:
+    """Resize to size x size as `prepare` does (None keeps the image as it is)."""
     if size is None or image.shape[:2] == (size, size):
         return image
     out = resize(image, (size, size), order=1, anti_aliasing=True, preserve_range=True)
@@ -104,7 +105,7 @@ def load_raw_pair(
             f"{raw.functional} is {a.shape[1]}x{a.shape[0]} but its partner {raw.mri} is "
             f"{b.shape[1]}x{b.shape[0]}: a registered pair must have one size"
         )
-    a, b = _resized(a, image_size), _resized(b, image_size)
+    a, b = resize_square(a, image_size), resize_square(b, image_size)
     if a.ndim == 3:
         return luma_uint8(a), b, a
     return a, b, None

@@ -49,7 +49,11 @@ def _show_with_inset(ax, image: np.ndarray, roi: tuple[int, int], size: int) -> 
     ax.imshow(image, cmap=cmap, vmin=0, vmax=255, interpolation="nearest")
     y, x = roi
     ax.add_patch(Rectangle((x - 0.5, y - 0.5), size, size, fill=False, color="red", lw=1.2))
-    inset = ax.inset_axes([0.6, 0.0, 0.4, 0.4])
+    # The enlarged inset goes in the corner farthest from the box, so it never hides it.
+    h, w = image.shape[:2]
+    left = 0.0 if x + size / 2 > w / 2 else 0.6
+    bottom = 0.6 if y + size / 2 > h / 2 else 0.0  # axes y runs upwards, image rows down
+    inset = ax.inset_axes([left, bottom, 0.4, 0.4])
     inset.imshow(
         image[y : y + size, x : x + size], cmap=cmap, vmin=0, vmax=255, interpolation="nearest"
     )

@@ -46,7 +46,7 @@ def _agreement_summary(per_pair: pd.DataFrame) -> list[str]:
             continue
         frame = tables.comparison_table(per_pair, table, list(dict.fromkeys(per_pair.method)))
         for _, row in frame.iterrows():
-            flags = [row.get(f"{m}_within_paper_std") for m in spec["metric_columns"]]
+            flags = [row.get(f"within_paper_std_{m}") for m in spec["metric_columns"]]
             known = [f for f in flags if f is not None]
             if known:
                 lines.append(

@@ -63,10 +63,10 @@ def comparison_table(
             row |= {
                 f"{ours_metric}_mean": mean,
                 f"{ours_metric}_std": std,
-                f"{paper_metric}_paper_mean": p_mean,
-                f"{paper_metric}_paper_std": p_std,
-                f"{paper_metric}_delta": mean - p_mean,
-                f"{paper_metric}_within_paper_std": bool(abs(mean - p_mean) <= p_std)
+                f"paper_{paper_metric}_mean": p_mean,
+                f"paper_{paper_metric}_std": p_std,
+                f"delta_{paper_metric}": mean - p_mean,
+                f"within_paper_std_{paper_metric}": bool(abs(mean - p_mean) <= p_std)
                 if np.isfinite(p_mean) and np.isfinite(mean)
                 else None,
             }
@@ -96,8 +96,8 @@ def ablation_table(
             row |= {
                 f"{ours_metric}_mean": mean,
                 f"{ours_metric}_std": std,
-                f"{paper_metric}_paper": p_mean,
-                f"{paper_metric}_delta": mean - p_mean,
+                f"paper_{paper_metric}": p_mean,
+                f"delta_{paper_metric}": mean - p_mean,
             }
         rows.append(row)
     return pd.DataFrame(rows)
@@ -127,11 +127,11 @@ def comparison_markdown(table: pd.DataFrame, title: str) -> str:
     for _, row in table.iterrows():
         ours = []
         for p, o in columns.items():
-            mark = " ✓" if row.get(f"{p}_within_paper_std") else ""
+            mark = " ✓" if row.get(f"within_paper_std_{p}") else ""
             ours.append(_fmt(row[f"{o}_mean"], row[f"{o}_std"]) + mark)
         paper = [
-            _fmt(row[f"{p}_paper_mean"], row[f"{p}_paper_std"])
-            if np.isfinite(row[f"{p}_paper_mean"])
+            _fmt(row[f"paper_{p}_mean"], row[f"paper_{p}_std"])
+            if np.isfinite(row[f"paper_{p}_mean"])
             else "—"
             for p in columns
         ]
@@ -146,7 +146,7 @@ def ablation_markdown(table: pd.DataFrame, title: str) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for _, row in table.iterrows():
         ours = [_fmt(row[f"{o}_mean"], row[f"{o}_std"]) for o in columns.values()]
-        paper = [_fmt(row[f"{p}_paper"]) for p in columns]
+        paper = [_fmt(row[f"paper_{p}"]) for p in columns]
         lines.append("| " + " | ".join([row["variant"], *ours, *paper]) + " |")
     return "\n".join([*lines, ""])
 
