@@ -148,6 +148,8 @@ def test_train_writes_weights_and_logs_to_mlflow(tiny_params: dict, tmp_path: Pa
     state = load_checkpoint(weights)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert load_checkpoint(out / CHECKPOINT)["epoch"] == 2
+    history = (out / "history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,") and "loss/total" in history[0] and len(history) == 3
 
     client = client_for(tiny_params)
     experiment = client.get_experiment_by_name("CT-MRI")
@@ -225,6 +227,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(
     )
     steps = [m.step for m in client.get_metric_history(resumed_run.info.run_id, "loss/total")]
     assert steps == [1, 2, 3]
+    epochs = [line.split(",")[0] for line in (tmp_path / "b/history.csv").read_text().split()]
+    assert epochs == ["epoch", "1", "2", "3"]  # the history survives the kill and resume
 
 
 def test_cli_trains_a_colour_pair(tiny_params: dict, tmp_path: Path) -> None:
@@ -277,7 +281,7 @@ def test_keep_freed_memory_applies_on_glibc() -> None:
     import platform
     import sys
 
-    from medfuse.train import keep_freed_memory
+    from medfuse.memory import keep_freed_memory
 
     applied = keep_freed_memory()
     assert applied is (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc")

@@ -23,12 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from medfuse.config import canonical_method, method_config
 from medfuse.data.colour import luma_uint8, recolour
 from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
 from medfuse.io import atomic_path, read_image, to_uint8, write_image
+from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import Fuser
 from medfuse.methods.registry import build_method
 from medfuse.train import (
@@ -36,7 +38,6 @@ from medfuse.train import (
     WEIGHTS,
     build_learned,
     default_model_dir,
-    keep_freed_memory,
     load_checkpoint,
     predict_pair,
     resolve_device,
@@ -137,7 +138,7 @@ def write_fused(out_dir: Path, name: str, fused_y: np.ndarray, a_rgb: np.ndarray
 
 
 def copy_published(
-    params: Mapping[str, Any], config: Mapping[str, Any], pair: str, names: list[str], out: Path
+    params: Mapping[str, Any], config: Mapping[str, Any], pair: str, rows: pd.DataFrame, out: Path
 ) -> None:
     """The authors' released fused image for each test name, and its luma under y/."""
     from medfuse.data.download import dataset_dir
@@ -147,7 +148,9 @@ def copy_published(
     if dataset not in params["data"]["datasets"]:
         raise ConfigError(f"published method needs a dataset in data.datasets, got {dataset!r}")
     source_dir = dataset_dir(params, dataset) / pair
-    for name in names:
+    resized = params["data"]["prepare"].get("image_size") is not None
+    for _, row in rows.iterrows():
+        name = str(row["name"])
         source = source_dir / f"{name}.png"
         if not source.is_file():
             raise DataError(
@@ -155,10 +158,9 @@ def copy_published(
                 f"run `medfuse download --dataset {dataset}`"
             )
         image = read_image(source)
-        size = params["data"]["prepare"].get("image_size")
-        if size is not None and image.shape[:2] != (size, size):
-            # The sources were resized by `prepare` (small profiles): match them the same way.
-            image = resize_square(image, size)
+        if resized and image.shape[:2] != (row["height"], row["width"]):
+            # `prepare` resized the sources (small profiles): match them the same way.
+            image = resize_square(image, int(row["height"]))
             write_image(out / f"{name}.png", image)
         else:
             with atomic_path(out / f"{name}.png") as tmp:
@@ -184,7 +186,7 @@ def fuse_test_split(
     rows = prepared.rows(pair, "test")
     start = time.perf_counter()
     if config.get("kind") == "published":
-        copy_published(params, config, pair, [str(n) for n in rows["name"]], out)
+        copy_published(params, config, pair, rows, out)
         fuse_s = 0.0
     else:
         fuser = load_fuser(params, method, variant, pair, model_path, device)

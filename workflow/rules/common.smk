@@ -45,6 +45,16 @@ def method_settings(wc):
     return method_config(PARAMS, wc.method, wc.variant)
 
 
+def fuse_inputs(wc):
+    inputs = {"prepared": PREPARED_MANIFEST, "tracking": TRACKING_STAMP}
+    if is_learned(PARAMS, wc.method):
+        inputs["model"] = f"results/models/{wc.method}/{wc.pair}/{wc.variant}/model.pt"
+    kind = PARAMS["methods"][wc.method]["kind"]
+    if kind == "published":
+        inputs["published"] = f"{RAW_DIR}/{PARAMS['methods'][wc.method]['dataset']}"
+    return inputs
+
+
 # One software environment for every rule (the package pins everything it needs).
 CONDA_ENV = "../../environment.yml"
 

@@ -1,16 +1,6 @@
 # Fusion of each pair's test split by every method, then its evaluation under each convention.
 
 
-def fuse_inputs(wc):
-    inputs = {"prepared": PREPARED_MANIFEST, "tracking": TRACKING_STAMP}
-    if is_learned(PARAMS, wc.method):
-        inputs["model"] = f"results/models/{wc.method}/{wc.pair}/{wc.variant}/model.pt"
-    kind = PARAMS["methods"][wc.method]["kind"]
-    if kind == "published":
-        inputs["published"] = f"{RAW_DIR}/{PARAMS['methods'][wc.method]['dataset']}"
-    return inputs
-
-
 rule fuse:
     input:
         unpack(fuse_inputs),

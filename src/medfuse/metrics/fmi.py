@@ -49,6 +49,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from scipy.fft import dctn
 from scipy.ndimage import correlate
 
+from medfuse.memory import keep_freed_memory
+
 FEATURES = ("pixel", "gradient", "edge", "dct", "wavelet")
 
 
@@ -395,18 +397,6 @@ def _side_sum(f: _Marginal, src: np.ndarray, equal: np.ndarray, w: int) -> float
     return float(np.sum(_side_fmi(_take(f, cols), _marginal(_minmax(_columns(src, cols)), w))))
 
 
-def _settle_allocator() -> None:
-    """Let the per-block temporaries be reused rather than faulted in afresh.
-
-    glibc's malloc serves blocks above a dynamic threshold (128 KiB at start) with mmap, hands
-    them back to the OS when freed, and trims more than twice that threshold off the top of
-    the heap, so the (l, m) temporaries of every block would be page-faulted in again on each
-    block (about twice as slow here). Freeing one mmapped block raises the threshold to its size
-    (and the trim threshold to twice that); an untouched 16 MiB array does it without writing
-    a page. Only the allocator's choice between heap and mmap changes; elsewhere a no-op."""
-    np.empty(2**21)
-
-
 def _block_sum(maps: tuple[np.ndarray, ...], top_left: np.ndarray, w: int) -> tuple[float, int]:
     """For the windows with these top-left pixels: the sum of FMI(F,A) + FMI(F,B) over the
     sides not equal to the fused window, and the number of sides that are (they score 1)."""
@@ -428,7 +418,7 @@ def fmi_of_features(fa: np.ndarray, fb: np.ndarray, ff: np.ndarray, window: int 
         raise ValueError(f"FMI window must be odd, from 3 to 99 (the toolbox's 2w+1), got {window}")
     if min(ff.shape) < window:
         raise ValueError(f"FMI: image {ff.shape} smaller than the {window} x {window} window")
-    _settle_allocator()
+    keep_freed_memory()  # per-block temporaries stay mapped: about 2x faster here
     maps = tuple(np.ascontiguousarray(x, dtype=np.float64) for x in (fa, fb, ff))
     top_left = _top_left(ff.shape, window)
     n = len(top_left)
