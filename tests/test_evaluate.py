@@ -77,8 +77,12 @@ def fused_dir(tmp_path, prepared) -> Path:
     return out
 
 
-def _params(prepared: Path, convention: str = "paper") -> dict:
-    return {"evaluate": {"convention": convention}, "data": {"prepare": {"out_dir": str(prepared)}}}
+def _params(prepared: Path, tracking: dict, convention: str = "paper") -> dict:
+    return {
+        "evaluate": {"convention": convention},
+        "data": {"prepare": {"out_dir": str(prepared)}},
+        "tracking": tracking,
+    }
 
 
 def _args(fused: Path, out: Path | None = None, convention: str | None = None):
@@ -86,8 +90,10 @@ def _args(fused: Path, out: Path | None = None, convention: str | None = None):
 
 
 # ----------------------------------------------------------------------------- outputs
-def test_evaluate_writes_per_pair_summary_and_flat_json(prepared, fused_dir, tmp_path, capsys):
-    evaluate_from_args(_params(prepared), _args(fused_dir))
+def test_evaluate_writes_per_pair_summary_and_flat_json(
+    tracking, prepared, fused_dir, tmp_path, capsys
+):
+    evaluate_from_args(_params(prepared, tracking), _args(fused_dir))
     stem = tmp_path / "results" / "metrics" / "paper" / "average" / PAIR / "full"
     per_pair = pd.read_csv(stem.with_name("full.csv"), dtype={"name": str})
     assert list(per_pair.columns) == ["name", *METRIC_NAMES]
@@ -109,9 +115,9 @@ def test_evaluate_writes_per_pair_summary_and_flat_json(prepared, fused_dir, tmp
     assert "convention paper" in printed and "FMI_dct" in printed and " ± " in printed
 
 
-def test_explicit_out_prefix_and_convention(prepared, fused_dir, tmp_path):
+def test_explicit_out_prefix_and_convention(tracking, prepared, fused_dir, tmp_path):
     prefix = tmp_path / "elsewhere" / "avg"
-    per_pair = evaluate_from_args(_params(prepared), _args(fused_dir, prefix, "standard"))
+    per_pair = evaluate_from_args(_params(prepared, tracking), _args(fused_dir, prefix, "standard"))
     assert (tmp_path / "elsewhere" / "avg.json").is_file()
     sample = PreparedData(prepared).samples(PAIR, "test")[0]
     # Standard: both colour images enter as their BT.601 luma (the functional one = prepared A).
@@ -133,32 +139,36 @@ def test_default_prefix_follows_the_results_layout(tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad folders
-def test_missing_image_is_named(prepared, fused_dir):
+def test_missing_image_is_named(tracking, prepared, fused_dir):
     (fused_dir / "102.png").unlink()
     with pytest.raises(DataError, match=r"missing fused image\(s\) for 1 test pair\(s\): 102\.png"):
-        evaluate_from_args(_params(prepared), _args(fused_dir))
+        evaluate_from_args(_params(prepared, tracking), _args(fused_dir))
 
 
-def test_extra_image_is_named(prepared, fused_dir):
+def test_extra_image_is_named(tracking, prepared, fused_dir):
     write_image(fused_dir / "999.png", np.zeros((SIZE, SIZE), np.uint8))
     with pytest.raises(DataError, match=r"1 fused image\(s\) match no test pair: 999\.png"):
-        evaluate_from_args(_params(prepared), _args(fused_dir))
+        evaluate_from_args(_params(prepared, tracking), _args(fused_dir))
 
 
-def test_mis_sized_image_is_named_with_its_sources(prepared, fused_dir):
+def test_mis_sized_image_is_named_with_its_sources(tracking, prepared, fused_dir):
     write_image(fused_dir / "103.png", np.zeros((SIZE - 8, SIZE), np.uint8))
     with pytest.raises(DataError, match=r"103\.png: size 48 x 40 differs from its sources .*B/103"):
-        evaluate_from_args(_params(prepared), _args(fused_dir))
+        evaluate_from_args(_params(prepared, tracking), _args(fused_dir))
 
 
-def test_unknown_convention_is_a_clear_error(prepared, fused_dir):
+def test_unknown_convention_is_a_clear_error(tracking, prepared, fused_dir):
     with pytest.raises(DataError, match="unknown metric convention 'ieee'"):
-        evaluate_from_args(_params(prepared), _args(fused_dir, convention="ieee"))
+        evaluate_from_args(_params(prepared, tracking), _args(fused_dir, convention="ieee"))
 
 
-def test_cli_runs_and_reports_errors_in_one_line(prepared, fused_dir, tmp_path, repo_root, capsys):
+def test_cli_runs_and_reports_errors_in_one_line(
+    tracking, prepared, fused_dir, tmp_path, repo_root, capsys
+):
     overlay = tmp_path / "overlay.yaml"
-    overlay.write_text(yaml.safe_dump({"data": {"prepare": {"out_dir": str(prepared)}}}))
+    overlay.write_text(
+        yaml.safe_dump({"data": {"prepare": {"out_dir": str(prepared)}}, "tracking": tracking})
+    )
     base = ["evaluate", "--params", str(repo_root / "params.yaml"), "--overlay", str(overlay)]
     base += ["--pair", PAIR, "--fused", str(fused_dir)]
     assert main([*base, "--out", str(tmp_path / "cli" / "run")]) == 0
@@ -171,17 +181,28 @@ def test_cli_runs_and_reports_errors_in_one_line(prepared, fused_dir, tmp_path, 
 
 
 # ----------------------------------------------------------------------------- MLflow
-def test_summary_is_logged_to_an_active_mlflow_run_only(prepared, fused_dir, monkeypatch):
+def test_summary_is_logged_to_an_active_mlflow_run_only(tracking, prepared, fused_dir, monkeypatch):
     logged: dict[str, float] = {}
     stub = types.SimpleNamespace(active_run=lambda: object(), log_metrics=logged.update)
     monkeypatch.setitem(sys.modules, "mlflow", stub)
-    evaluate_from_args(_params(prepared), _args(fused_dir))
+    evaluate_from_args(_params(prepared, tracking), _args(fused_dir))
     assert {"paper/EN", "paper/EN_std", "paper/FMI_dct"} <= set(logged)
 
-    logged.clear()
-    stub.active_run = lambda: None  # imported, but no run: nothing is started or logged
-    evaluate_from_args(_params(prepared), _args(fused_dir))
-    assert logged == {}
+    monkeypatch.delitem(sys.modules, "mlflow")
+    monkeypatch.undo()  # the real mlflow again: no active run, so evaluate logs its own run
+    evaluate_from_args(_params(prepared, tracking), _args(fused_dir))
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name(PAIR).experiment_id])
+    tags = run.data.tags
+    assert (tags["step"], tags["method"], tags["variant"], tags["convention"]) == (
+        "evaluate",
+        "average",
+        "full",
+        "paper",
+    )
+    assert run.data.metrics["paper/EN"] == pytest.approx(logged["paper/EN"])
 
 
 # ----------------------------------------------------------------------------- published tables

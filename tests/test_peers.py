@@ -19,19 +19,12 @@ from medfuse.methods.peer_blocks import (
     SwappedCrossAttentionFusion,
     minmax_per_image,
 )
+from tests.tiny import TINY_PEER_BACKBONE
 
 # The same code as the papers' models, shrunk: 32 x 32 inputs are a multiple of 2^3 * patch 4.
-TINY_BACKBONE = {
-    "stem_channels": 8,
-    "widths": [8, 8, 8, 8],
-    "patch_size": 4,
-    "embed_dim": 16,
-    "num_heads": 2,
-    "head_channels": 4,
-}
 TINY = {
-    "asfe-fusion": {**TINY_BACKBONE, "expert_slots": 4},
-    "adafuse": {**TINY_BACKBONE, "depth": 1, "shared_encoder": False},
+    "asfe-fusion": {**TINY_PEER_BACKBONE, "expert_slots": 4},
+    "adafuse": {**TINY_PEER_BACKBONE, "depth": 1, "shared_encoder": False},
 }
 FACTORIES = {"asfe-fusion": asfe_fusion.build, "adafuse": adafuse.build}
 

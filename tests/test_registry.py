@@ -9,20 +9,13 @@ from medfuse.config import deep_merge, method_config
 from medfuse.errors import ConfigError
 from medfuse.methods import build_method, method_names
 from medfuse.methods.base import Fuser, FusionNet
+from tests.tiny import TINY_PEER_BACKBONE
 
 # Tiny sizes for the learned methods (the same code as the papers' sizes; see test_peers.py).
-_TINY_PEER = {
-    "stem_channels": 8,
-    "widths": [8, 8, 8, 8],
-    "patch_size": 4,
-    "embed_dim": 16,
-    "num_heads": 2,
-    "head_channels": 4,
-}
 TINY_OVERRIDES = {
     "wdualmine": {"model": {"widths": [8, 8, 8, 8]}},
-    "asfe-fusion": {"model": {**_TINY_PEER, "expert_slots": 4}},
-    "adafuse": {"model": {**_TINY_PEER, "depth": 1}},
+    "asfe-fusion": {"model": {**TINY_PEER_BACKBONE, "expert_slots": 4}},
+    "adafuse": {"model": {**TINY_PEER_BACKBONE, "depth": 1}},
 }
 
 

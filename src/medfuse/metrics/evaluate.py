@@ -323,6 +323,31 @@ def log_to_active_run(summary: pd.DataFrame, convention: str) -> bool:
     return True
 
 
+def log_evaluation_run(
+    params: Mapping[str, Any],
+    fused_dir: Path,
+    pair: str,
+    convention: str,
+    summary: pd.DataFrame,
+    paths: list[Path],
+) -> None:
+    """One MLflow run per evaluation, tagged like the training and fusion runs it scores."""
+    from medfuse.tracking import start_run
+
+    parts = fused_dir.parts
+    in_layout = len(parts) >= 4 and parts[-4] == "fused"
+    method, variant = (parts[-3], parts[-1]) if in_layout else (str(fused_dir), "-")
+    values = {f"{convention}/{k}": v for k, v in summary_json(summary).items() if math.isfinite(v)}
+    with start_run(
+        params, step="evaluate", method=method, pair=pair, variant=variant, log_all_params=False
+    ) as run:
+        run.set_tags({"convention": convention, "fused_dir": str(fused_dir)})
+        run.log_params({"convention": convention})
+        run.log_metrics(values, step=0)
+        for path in paths:
+            run.log_artifact(path, "metrics")
+
+
 def default_prefix(fused_dir: Path, pair: str, convention: str) -> Path:
     """results/fused/<method>/<pair>/<variant> ->
     results/metrics/<convention>/<method>/<pair>/<variant> (medfuse.plan.Job.metrics_stem)."""
@@ -353,6 +378,8 @@ def evaluate_from_args(params: Mapping[str, Any], args: Any) -> pd.DataFrame:
     print(format_summary(summary, title))
     if log_to_active_run(summary, conv.name):
         log.info("logged the summary to the active MLflow run")
+    else:
+        log_evaluation_run(params, Path(args.fused), args.pair, conv.name, summary, paths)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     _warn_undefined(summary)
     return per_pair
