@@ -112,6 +112,11 @@ def test_dvc_quick_profile_end_to_end_and_selective_rerun(tmp_path_factory, repo
     _assert_outputs(repo)
     out, _ = _run(["dvc", "repro"], repo, env)
     assert "Data and pipelines are up to date" in out
+    metrics, _ = _run(["dvc", "metrics", "show"], repo, env)
+    assert "results/metrics/paper/wdualmine/CT-MRI/full.json" in metrics
+    plots, _ = _run(["dvc", "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)
+    assert "failed" not in plots.lower()
+    assert (repo / "dvc_plots" / "index.html").is_file()
 
     _set_param(repo, ["methods", "wdualmine", "loss", "mi"], 0.2)
     status = json.loads(_run(["dvc", "status", "--json"], repo, env)[0].strip() or "{}")
