@@ -79,6 +79,7 @@ def _run(cmd: list[str], repo: Path, env: dict[str, str]) -> tuple[str, float]:
 def _assert_outputs(repo: Path) -> None:
     report = (repo / "results/report.md").read_text()
     assert "W-DUALMINE reproduction report" in report and "Profile `quick`" in report
+    assert "| train | wdualmine | CT-MRI | full | `" in report  # MLflow run ids listed
     for n in range(1, 6):
         assert (repo / f"results/tables/table{n}.csv").is_file()
         assert (repo / f"results/tables/table{n}.md").is_file()

@@ -227,3 +227,24 @@ def start_run(
         raise
     finally:
         client.set_terminated(run_id, status=status)
+
+
+def list_runs(params: Mapping[str, Any]) -> Any:
+    """Every run of the project's store (all pair experiments) as a pandas DataFrame with
+    run_id, run_name, status and the job tags (step, method, pair, variant), newest first."""
+    import pandas as pd
+
+    client = _client(init_store(params))
+    rows = []
+    for experiment in client.search_experiments():
+        for run in client.search_runs([experiment.experiment_id], order_by=["start_time DESC"]):
+            tags = run.data.tags
+            rows.append(
+                {
+                    "run_id": run.info.run_id,
+                    "run_name": run.info.run_name,
+                    "status": run.info.status,
+                    **{key: tags.get(key, "") for key in ("step", "method", "pair", "variant")},
+                }
+            )
+    return pd.DataFrame(rows)

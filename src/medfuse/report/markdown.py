@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,18 +11,9 @@ from typing import Any
 import pandas as pd
 
 from medfuse.report import tables
+from medfuse.tracking import git_commit
 
 log = logging.getLogger(__name__)
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def tracking_runs(params: Mapping[str, Any]) -> pd.DataFrame:
@@ -94,6 +84,7 @@ def _fmi_note(per_pair: pd.DataFrame) -> str:
 def _runs_markdown(runs: pd.DataFrame) -> str:
     if runs.empty:
         return "No MLflow runs found in the tracking store.\n"
+    runs = runs.sort_values(["step", "method", "pair", "variant"])
     lines = ["| step | method | pair | variant | run id |", "|---|---|---|---|---|"]
     for _, r in runs.iterrows():
         lines.append(
