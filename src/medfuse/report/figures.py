@@ -101,7 +101,7 @@ def per_pair_curves(per_pair: pd.DataFrame, metrics: Sequence[str], title: str) 
         ax.set_xlabel("test pair")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1.04)  # above the panel titles
     return fig
 
 
