@@ -120,3 +120,15 @@ def tracking(tmp_path: Path, _mlflow_db_template: Path, monkeypatch: pytest.Monk
     db = tmp_path / "mlflow.db"
     shutil.copyfile(_mlflow_db_template, db)
     return {"uri": f"sqlite:///{db}", "artifact_root": str(tmp_path / "mlartifacts")}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core machine two OpenMP threads
+    that spin-wait for each other made the model tests over ten times slower (measured)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -22,12 +22,7 @@ QUICK = REPO / "workflow" / "profiles" / "quick" / "params.yaml"
 TINY_WDUALMINE = {"model": {"widths": [4, 8, 8, 8], "proj_dim": 8}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -29,14 +29,7 @@ TINY = {
 FACTORIES = {"asfe-fusion": asfe_fusion.build, "adafuse": adafuse.build}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a shared machine two OpenMP threads that
-    spin-wait for each other made this module over ten times slower (measured)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_net(name: str, loss: dict | None = None, **model: object) -> FusionNet:

@@ -20,15 +20,7 @@ from medfuse.methods.wdualmine import (
     build,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core machine OpenMP barriers
-    between busy cores can make each op wait for a time slice."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = {"widths": [4, 8, 8, 8], "proj_dim": 8}
