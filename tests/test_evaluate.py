@@ -85,8 +85,8 @@ def _params(prepared: Path, tracking: dict, convention: str = "paper") -> dict:
     }
 
 
-def _args(fused: Path, out: Path | None = None, convention: str | None = None):
-    return argparse.Namespace(pair=PAIR, fused=fused, convention=convention, out=out)
+def _args(fused: Path, out: Path | None = None, convention: str | None = None, jobs: int = 1):
+    return argparse.Namespace(pair=PAIR, fused=fused, convention=convention, out=out, jobs=jobs)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -125,6 +125,15 @@ def test_explicit_out_prefix_and_convention(tracking, prepared, fused_dir, tmp_p
     expected = evaluate_images(fused_luma, sample.a, sample.b, "standard", names=("CC", "MI"))
     assert per_pair.loc[0, "CC"] == pytest.approx(expected["CC"], rel=1e-12)
     assert per_pair.loc[0, "MI"] == pytest.approx(expected["MI"], rel=1e-12)
+
+
+def test_worker_processes_give_the_same_table(prepared, fused_dir):
+    pairs = PreparedData(prepared)
+    one = evaluate_folder(fused_dir, pairs, PAIR, "paper")
+    two = evaluate_folder(fused_dir, pairs, PAIR, "paper", jobs=2)
+    pd.testing.assert_frame_equal(one, two, check_exact=True)
+    with pytest.raises(ValueError, match="jobs must be at least 1"):
+        evaluate_folder(fused_dir, pairs, PAIR, "paper", jobs=0)
 
 
 def test_default_prefix_follows_the_results_layout(tmp_path):
@@ -171,9 +180,12 @@ def test_cli_runs_and_reports_errors_in_one_line(
     )
     base = ["evaluate", "--params", str(repo_root / "params.yaml"), "--overlay", str(overlay)]
     base += ["--pair", PAIR, "--fused", str(fused_dir)]
-    assert main([*base, "--out", str(tmp_path / "cli" / "run")]) == 0
+    assert main([*base, "--out", str(tmp_path / "cli" / "run"), "--jobs", "2"]) == 0
     assert (tmp_path / "cli" / "run.csv").is_file()
     capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*base, "--jobs", "0"])
+    assert "--jobs: must be 1 or more, got 0" in capsys.readouterr().err
     (fused_dir / "101.png").unlink()
     assert main(base) == 2
     err = capsys.readouterr().err

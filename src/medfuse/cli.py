@@ -85,6 +85,13 @@ def _cmd_init_tracking(args: argparse.Namespace) -> None:
         write_text_atomic(args.stamp, json.dumps({"tracking_uri": uri}, indent=2) + "\n")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--profile",
@@ -164,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused", required=True, type=Path, help="folder of fused images")
     p.add_argument("--convention", default=None, help="paper | standard | cddfuse")
     p.add_argument("--out", type=Path, default=None, help="output prefix (CSV + JSON)")
+    p.add_argument("--jobs", type=_positive_int, default=1, help="score the pairs in N processes")
     p.set_defaults(handler=_cmd_evaluate)
 
     p = sub.add_parser("report", help="tables, figures and results/report.md")

@@ -39,4 +39,4 @@ rule evaluate:
         CONDA_ENV
     shell:
         "medfuse evaluate {params.profile} --pair {wildcards.pair} --fused {input.fused}"
-        " --convention {wildcards.convention} --out {params.stem} > {log} 2>&1"
+        " --convention {wildcards.convention} --out {params.stem} --jobs {threads} > {log} 2>&1"

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,35 +243,71 @@ def match_test_names(folder: Path, test_names: list[str]) -> dict[str, Path]:
     return {n: files[n] for n in test_names}
 
 
+def evaluate_many(
+    triples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    convention: str | Convention = "standard",
+    names: Iterable[str] = METRIC_NAMES,
+    labels: Sequence[tuple[str, str, str]] | None = None,
+    jobs: int = 1,
+) -> list[dict[str, float]]:
+    """`evaluate_images` of many (fused, functional, MRI) triples, in order; `jobs` > 1 scores
+    them in that many worker processes (the same numbers)."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, got {jobs}")
+    conv, names = get_convention(convention), list(names)
+    labels = labels or [("fused", "functional", "MRI")] * len(triples)
+    tasks = [(*images, conv, label, names) for images, label in zip(triples, labels, strict=True)]
+    if jobs == 1 or len(tasks) < 2:
+        return [_score(task) for task in tasks]
+    # Workers fork from a server process that imported the metrics once: no import cost per
+    # worker, and no fork of this (possibly multi-threaded) process.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    with ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=context) as pool:
+        return list(pool.map(_score, tasks))
+
+
+def _score(task: tuple[Any, ...]) -> dict[str, float]:
+    return evaluate_images(*task)
+
+
 def evaluate_folder(
     fused_dir: Path,
     prepared: PreparedData,
     pair: str,
     convention: str | Convention,
     names: Iterable[str] = METRIC_NAMES,
+    jobs: int = 1,
 ) -> pd.DataFrame:
-    """Per-test-pair metrics of every fused image in `fused_dir` (one row per test pair)."""
-    conv = get_convention(convention)
+    """Per-test-pair metrics of every fused image in `fused_dir` (one row per test pair).
+    Every image is read and checked before any is scored."""
     rows = prepared.rows(pair, "test")
     paths = match_test_names(Path(fused_dir), [str(n) for n in rows["name"]])
     names = list(names)
-    records = []
-    for _, row in rows.iterrows():
-        sample = prepared.load(row)
-        fused_path = paths[sample.name]
-        fused = read_image(fused_path)
-        functional = sample.a_rgb if sample.a_rgb is not None else sample.a
-        source = prepared.root / (row["a_rgb"] or row["a"])
-        if fused.shape[:2] != sample.b.shape[:2]:
-            height, width = sample.b.shape[:2]
-            raise DataError(
-                f"{fused_path}: size {fused.shape[1]} x {fused.shape[0]} differs from its sources "
-                f"{source} and {prepared.root / row['b']} ({width} x {height})"
-            )
-        labels = (str(fused_path), str(source), str(prepared.root / row["b"]))
-        scores = evaluate_images(fused, functional, sample.b, conv, labels=labels, names=names)
-        records.append({"name": sample.name, **scores})
+    read = [_read_test_pair(prepared, row, paths) for _, row in rows.iterrows()]
+    triples, labels = [images for images, _ in read], [label for _, label in read]
+    scores = evaluate_many(triples, convention, names, labels, jobs)
+    records = [{"name": name, **values} for name, values in zip(rows["name"], scores, strict=True)]
     return pd.DataFrame.from_records(records, columns=["name", *names])
+
+
+def _read_test_pair(
+    prepared: PreparedData, row: pd.Series, paths: Mapping[str, Path]
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[str, str, str]]:
+    """(fused, functional, MRI) of one test pair in their stored form, and their file names."""
+    sample = prepared.load(row)
+    fused_path = paths[sample.name]
+    fused = read_image(fused_path)
+    functional = sample.a_rgb if sample.a_rgb is not None else sample.a
+    source = prepared.root / (row["a_rgb"] or row["a"])
+    if fused.shape[:2] != sample.b.shape[:2]:
+        height, width = sample.b.shape[:2]
+        raise DataError(
+            f"{fused_path}: size {fused.shape[1]} x {fused.shape[0]} differs from its sources "
+            f"{source} and {prepared.root / row['b']} ({width} x {height})"
+        )
+    labels = (str(fused_path), str(source), str(prepared.root / row["b"]))
+    return (fused, functional, sample.b), labels
 
 
 def summarise(per_pair: pd.DataFrame, ddof: int = 0) -> pd.DataFrame:
@@ -371,7 +409,7 @@ def evaluate_from_args(params: Mapping[str, Any], args: Any) -> pd.DataFrame:
         raise DataError(f"--convention: {exc}") from exc
     prepared = PreparedData(params["data"]["prepare"]["out_dir"])
     prefix = Path(args.out) if args.out else default_prefix(Path(args.fused), args.pair, conv.name)
-    per_pair = evaluate_folder(Path(args.fused), prepared, args.pair, conv)
+    per_pair = evaluate_folder(Path(args.fused), prepared, args.pair, conv, jobs=args.jobs)
     summary = summarise(per_pair, ddof=conv.std_ddof)
     paths = write_results(prefix, per_pair, summary)
     title = f"{args.pair}: {len(per_pair)} test pairs, {args.fused}, convention {conv.name}"
