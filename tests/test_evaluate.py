@@ -214,6 +214,7 @@ def test_summary_is_logged_to_an_active_mlflow_run_only(tracking, prepared, fuse
         "full",
         "paper",
     )
+    assert run.info.run_name == "evaluate-average-full-paper"
     assert run.data.metrics["paper/EN"] == pytest.approx(logged["paper/EN"])
 
 

@@ -189,8 +189,11 @@ def start_run(
     variant: str = "full",
     run_id: str | None = None,
     log_all_params: bool = True,
+    tags: Mapping[str, str] | None = None,
 ) -> Iterator[Run]:
     """Open (or, with `run_id`, reopen) a run in the pair's experiment, tagged and described.
+    Extra `tags` join the job tags, and their values the run name (e.g. an evaluation's
+    convention: two evaluations of one folder get two names).
 
     New runs get every parameter (flattened), the git commit and the data manifest hash.
     The run ends FINISHED, KILLED (interrupted) or FAILED (any other exception).
@@ -202,11 +205,12 @@ def start_run(
         run_id = None
     is_new = run_id is None
     if is_new:
-        tags = {"step": step, "method": method, "pair": pair, "variant": variant}
+        extra = dict(tags or {})
+        name = "-".join([step, method.replace(":", "-"), variant, *extra.values()])
         created = client.create_run(
             experiment_id(client, params, pair, uri),
-            tags=tags,
-            run_name=f"{step}-{method.replace(':', '-')}-{variant}",
+            tags={"step": step, "method": method, "pair": pair, "variant": variant, **extra},
+            run_name=name,
         )
         run_id = created.info.run_id
     run = Run(client, run_id)

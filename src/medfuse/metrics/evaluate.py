@@ -377,9 +377,15 @@ def log_evaluation_run(
     method, variant = (parts[-3], parts[-1]) if in_layout else (str(fused_dir), "-")
     values = {f"{convention}/{k}": v for k, v in summary_json(summary).items() if math.isfinite(v)}
     with start_run(
-        params, step="evaluate", method=method, pair=pair, variant=variant, log_all_params=False
+        params,
+        step="evaluate",
+        method=method,
+        pair=pair,
+        variant=variant,
+        log_all_params=False,
+        tags={"convention": convention},
     ) as run:
-        run.set_tags({"convention": convention, "fused_dir": str(fused_dir)})
+        run.set_tags({"fused_dir": str(fused_dir)})
         run.log_params({"convention": convention})
         run.log_metrics(values, step=0)
         for path in paths:
