@@ -10,6 +10,7 @@ import pytest
 from scipy import stats as sps
 
 from medfuse.report import figures, tables
+from medfuse.report.markdown import _agreement_summary
 from medfuse.report.stats import paired_test, rank_biserial
 
 
@@ -70,6 +71,18 @@ def test_comparison_table_sets_ours_beside_the_paper():
     assert ours.loc["wdualmine", "paper_PSNR_mean"] == 64.0891
     md = tables.comparison_markdown(frame, spec["title"])
     assert "4.3394 ± 0.2502" in md and "| average |" in md
+
+
+def test_agreement_summary_counts_the_written_tables_flags():
+    spec = tables.paper_values()
+    per_pair = _per_pair("wdualmine", "CT-MRI", "full", 4.3394)
+    frame = tables.comparison_table(per_pair, spec["tables"]["table1"], ["wdualmine"], ddof=0)
+    flags = [frame.loc[0, f"within_paper_std_{m}"] for m in spec["metric_columns"]]
+    known = [f for f in flags if f is not None]
+    (line,) = _agreement_summary({"table1": frame})
+    assert line.startswith("- CT-MRI, wdualmine vs the paper's W-DUALMINE:")
+    assert f"{sum(known)} of {len(known)} metrics within" in line
+    assert frame.loc[0, "within_paper_std_EN"]  # the EN mean was set to the paper's
 
 
 def test_ablation_table_and_stats_use_the_reference_method():

@@ -79,18 +79,22 @@ def metric_figures(params: Mapping[str, Any], per_pair: pd.DataFrame, out: Path)
     )
 
 
-def write_tables(params: Mapping[str, Any], per_pair: pd.DataFrame, out: Path) -> dict[str, str]:
-    """Tables 1-5, all-metrics tables and paired statistics; returns their Markdown by name."""
+def write_tables(
+    params: Mapping[str, Any], per_pair: pd.DataFrame, out: Path
+) -> tuple[dict[str, str], dict[str, pd.DataFrame]]:
+    """Tables 1-5, all-metrics tables and paired statistics. Returns their Markdown by name,
+    and the comparison tables (1-3) as frames by name, for the report's agreement summary."""
     ddof = params["report"]["std_ddof"]
     methods = list(dict.fromkeys(per_pair.method))
     spec = tables.paper_values()["tables"]
     markdown: dict[str, str] = {}
+    comparisons: dict[str, pd.DataFrame] = {}
     for key, table in spec.items():
         if "variants" in table:
             frame = tables.ablation_table(per_pair, table, list(table["variants"]), ddof)
             markdown[key] = tables.ablation_markdown(frame, table["title"])
         else:
-            frame = tables.comparison_table(per_pair, table, methods, ddof)
+            frame = comparisons[key] = tables.comparison_table(per_pair, table, methods, ddof)
             markdown[key] = tables.comparison_markdown(frame, table["title"])
         tables.write_table(frame, markdown[key], out, key)
     metrics = tables.metric_columns(per_pair)
@@ -99,7 +103,7 @@ def write_tables(params: Mapping[str, Any], per_pair: pd.DataFrame, out: Path) -
         markdown[f"stats_{pair}"] = tables.stats_markdown(stats, pair)
         tables.write_table(stats, markdown[f"stats_{pair}"], out, f"stats_{pair}")
         markdown[f"all_{pair}"] = tables.extra_metrics_markdown(per_pair, pair, ddof)
-    return markdown
+    return markdown, comparisons
 
 
 def build_report(
@@ -110,7 +114,7 @@ def build_report(
     jobs = fusion_jobs(params)
     primary = params["evaluate"]["convention"]
     per_pair = load_per_pair(jobs, primary)
-    markdown = write_tables(params, per_pair, out / "tables")
+    markdown, comparisons = write_tables(params, per_pair, out / "tables")
     others = {}
     for convention in params["evaluate"]["conventions"]:
         if convention != primary:
@@ -122,9 +126,8 @@ def build_report(
     written = qualitative_figures(params, jobs, out / "figures")
     written += metric_figures(params, per_pair, out / "figures")
     report = out / "report.md"
-    text = render_report(
-        params, per_pair, markdown, others, [p for p in written if p.suffix == ".png"], out
-    )
+    figures = [p for p in written if p.suffix == ".png"]
+    text = render_report(params, per_pair, markdown, comparisons, others, figures, out)
     write_text_atomic(report, text)
     log.info("report written to %s (%d figure files)", report, len(written))
     print(report)
