@@ -76,6 +76,13 @@ def test_qabf_of_perfect_transfer_is_the_product_of_the_two_sigmoid_maxima(tiny_
     assert core.qabf(a, a, a) == pytest.approx(best, rel=1e-12)
 
 
+def test_qabf_without_any_source_edge_is_nan_with_a_warning(tiny_pair):
+    fused = tiny_pair[0].astype(float)
+    black = np.zeros_like(fused)  # zero padding: a flat non-zero image has border edges
+    with pytest.warns(MetricWarning, match="Qabf: neither source has an edge"):
+        assert math.isnan(core.qabf(fused, black, black))
+
+
 def test_scd_of_the_sum_of_sources_is_two(tiny_pair):
     a, b = (x.astype(float) for x in tiny_pair)
     assert core.scd(a + b, a, b) == pytest.approx(2.0, abs=1e-12)
