@@ -26,6 +26,7 @@ from medfuse.metrics.evaluate import (
     default_prefix,
     evaluate_folder,
     evaluate_from_args,
+    evaluate_own_folder,
     summarise,
 )
 
@@ -86,7 +87,9 @@ def _params(prepared: Path, tracking: dict, convention: str = "paper") -> dict:
 
 
 def _args(fused: Path, out: Path | None = None, convention: str | None = None, jobs: int = 1):
-    return argparse.Namespace(pair=PAIR, fused=fused, convention=convention, out=out, jobs=jobs)
+    return argparse.Namespace(
+        pair=PAIR, sources=None, fused=fused, convention=convention, out=out, jobs=jobs
+    )
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -190,6 +193,51 @@ def test_cli_runs_and_reports_errors_in_one_line(
     assert main(base) == 2
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "101.png" in err
+
+
+# ----------------------------------------------------------------------------- own sources
+def _own_dirs(prepared: Path) -> tuple[Path, Path]:
+    test = prepared / PAIR / "test"
+    return test / "A_rgb", test / "B"
+
+
+def test_own_sources_score_as_the_test_split_does(prepared, fused_dir):
+    a_dir, b_dir = _own_dirs(prepared)
+    own = evaluate_own_folder(fused_dir, a_dir, b_dir, "paper")
+    split = evaluate_folder(fused_dir, PreparedData(prepared), PAIR, "paper")
+    pd.testing.assert_frame_equal(own, split, check_exact=True)  # same images, same numbers
+
+
+def test_own_sources_missing_or_mis_sized_images_are_named(prepared, fused_dir):
+    a_dir, b_dir = _own_dirs(prepared)
+    (b_dir / "102.png").unlink()
+    with pytest.raises(DataError, match=r"no source image for 1 fused image\(s\): .*B/102\.\*"):
+        evaluate_own_folder(fused_dir, a_dir, b_dir, "paper")
+    write_image(b_dir / "102.png", np.zeros((SIZE, SIZE - 4), np.uint8))
+    with pytest.raises(DataError, match=r"A_rgb/102\.png: size 48 x 48 differs from .*B/102\.png"):
+        evaluate_own_folder(fused_dir, a_dir, b_dir, "paper")
+
+
+def test_cli_scores_own_sources_and_needs_exactly_one_source_option(
+    tracking, prepared, fused_dir, tmp_path, repo_root, capsys
+):
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(yaml.safe_dump({"tracking": tracking}))
+    base = ["evaluate", "--params", str(repo_root / "params.yaml"), "--overlay", str(overlay)]
+    sources = ["--sources", *map(str, _own_dirs(prepared)), "--fused", str(fused_dir)]
+    assert main([*base, *sources, "--convention", "standard"]) == 0
+    per_pair = pd.read_csv(fused_dir.with_name("full-standard.csv"), dtype={"name": str})
+    assert list(per_pair["name"]) == list(NAMES)
+    assert f"own-sources: 3 images against {_own_dirs(prepared)[0]}" in capsys.readouterr().out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("own-sources").experiment_id])
+    assert run.data.tags["convention"] == "standard"
+    for wrong in ([*sources, "--pair", PAIR], ["--fused", str(fused_dir)]):
+        with pytest.raises(SystemExit):
+            main([*base, *wrong])
+        assert "--pair" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- MLflow

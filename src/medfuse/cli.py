@@ -165,9 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(handler=_cmd_fuse)
 
-    p = sub.add_parser("evaluate", help="score a folder of fused images against the test sources")
+    p = sub.add_parser("evaluate", help="score a folder of fused images against their sources")
     _add_common(p)
-    p.add_argument("--pair", required=True, choices=PAIRS)
+    sources = p.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--pair", choices=PAIRS, help="against this pair's prepared test split")
+    sources.add_argument(
+        "--sources",
+        nargs=2,
+        type=Path,
+        metavar=("A_DIR", "B_DIR"),
+        help="against same-named images: A (CT or functional, grey or RGB) and B (MRI, grey)",
+    )
     p.add_argument("--fused", required=True, type=Path, help="folder of fused images")
     p.add_argument("--convention", default=None, help="paper | standard | cddfuse")
     p.add_argument("--out", type=Path, default=None, help="output prefix (CSV + JSON)")

@@ -296,18 +296,71 @@ def _read_test_pair(
 ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[str, str, str]]:
     """(fused, functional, MRI) of one test pair in their stored form, and their file names."""
     sample = prepared.load(row)
-    fused_path = paths[sample.name]
-    fused = read_image(fused_path)
     functional = sample.a_rgb if sample.a_rgb is not None else sample.a
     source = prepared.root / (row["a_rgb"] or row["a"])
-    if fused.shape[:2] != sample.b.shape[:2]:
-        height, width = sample.b.shape[:2]
+    return _with_fused(paths[sample.name], functional, sample.b, source, prepared.root / row["b"])
+
+
+def _with_fused(
+    fused_path: Path, functional: np.ndarray, mri: np.ndarray, a_path: Path, b_path: Path
+) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[str, str, str]]:
+    """The fused image read beside its sources; a size mismatch names the files."""
+    fused = read_image(fused_path)
+    height, width = mri.shape[:2]
+    if functional.shape[:2] != mri.shape[:2]:
+        h, w = functional.shape[:2]
+        raise DataError(f"{a_path}: size {w} x {h} differs from {b_path} ({width} x {height})")
+    if fused.shape[:2] != mri.shape[:2]:
+        h, w = fused.shape[:2]
         raise DataError(
-            f"{fused_path}: size {fused.shape[1]} x {fused.shape[0]} differs from its sources "
-            f"{source} and {prepared.root / row['b']} ({width} x {height})"
+            f"{fused_path}: size {w} x {h} differs from its sources "
+            f"{a_path} and {b_path} ({width} x {height})"
         )
-    labels = (str(fused_path), str(source), str(prepared.root / row["b"]))
-    return (fused, functional, sample.b), labels
+    return (fused, functional, mri), (str(fused_path), str(a_path), str(b_path))
+
+
+# ----------------------------------------------------------------------------- own sources
+def match_own_sources(fused_dir: Path, a_dir: Path, b_dir: Path) -> list[tuple[Path, Path, Path]]:
+    """(fused, A, B) paths matched by file name stem: every fused image needs both sources
+    (a missing one is a DataError naming it); sources without a fused image are not scored."""
+    fused = fused_files(Path(fused_dir))
+    if not fused:
+        raise DataError(f"{fused_dir}: no fused images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    a_files, b_files = fused_files(Path(a_dir)), fused_files(Path(b_dir))
+    triples, missing = [], []
+    for name, path in fused.items():
+        found = [files.get(name) for files in (a_files, b_files)]
+        missing += [f"{d}/{name}.*" for d, f in zip((a_dir, b_dir), found, strict=True) if not f]
+        if all(found):
+            triples.append((path, *found))
+    if missing:
+        shown = ", ".join(missing[:10])
+        raise DataError(f"{fused_dir}: no source image for {len(missing)} fused image(s): {shown}")
+    return triples
+
+
+def evaluate_own_folder(
+    fused_dir: Path,
+    a_dir: Path,
+    b_dir: Path,
+    convention: str | Convention,
+    names: Iterable[str] = METRIC_NAMES,
+    jobs: int = 1,
+) -> pd.DataFrame:
+    """Per-image metrics of the fused images in `fused_dir` against the same-named sources in
+    `a_dir` (CT, or the functional image, grey or RGB) and `b_dir` (MRI, grey)."""
+    names = list(names)
+    read = [
+        _with_fused(f, read_image(a), read_image(b, mode="L"), a, b)
+        for f, a, b in match_own_sources(fused_dir, a_dir, b_dir)
+    ]
+    triples, labels = [images for images, _ in read], [label for _, label in read]
+    scores = evaluate_many(triples, convention, names, labels, jobs)
+    records = [
+        {"name": Path(label[0]).stem, **values}
+        for label, values in zip(labels, scores, strict=True)
+    ]
+    return pd.DataFrame.from_records(records, columns=["name", *names])
 
 
 def summarise(per_pair: pd.DataFrame, ddof: int = 0) -> pd.DataFrame:
@@ -406,24 +459,38 @@ def default_prefix(fused_dir: Path, pair: str, convention: str) -> Path:
     return Path(*parts[:-4], "metrics", convention, method, pair, variant)
 
 
+OWN_SOURCES = "own-sources"  # the MLflow experiment of evaluations against --sources
+
+
 def evaluate_from_args(params: Mapping[str, Any], args: Any) -> pd.DataFrame:
-    """`medfuse evaluate --pair PAIR --fused DIR [--convention NAME] [--out PREFIX]`."""
+    """`medfuse evaluate (--pair PAIR | --sources A_DIR B_DIR) --fused DIR [--convention NAME]
+    [--out PREFIX] [--jobs N]`."""
     convention = args.convention or params["evaluate"]["convention"]
     try:
         conv = get_convention(convention)
     except ValueError as exc:
         raise DataError(f"--convention: {exc}") from exc
-    prepared = PreparedData(params["data"]["prepare"]["out_dir"])
-    prefix = Path(args.out) if args.out else default_prefix(Path(args.fused), args.pair, conv.name)
-    per_pair = evaluate_folder(Path(args.fused), prepared, args.pair, conv, jobs=args.jobs)
+    fused_dir = Path(args.fused)
+    if args.sources:
+        a_dir, b_dir = (Path(x) for x in args.sources)
+        prefix = (
+            Path(args.out) if args.out else fused_dir.with_name(f"{fused_dir.name}-{conv.name}")
+        )
+        per_pair = evaluate_own_folder(fused_dir, a_dir, b_dir, conv, jobs=args.jobs)
+        pair, about = OWN_SOURCES, f"images against {a_dir} and {b_dir}"
+    else:
+        prepared = PreparedData(params["data"]["prepare"]["out_dir"])
+        prefix = Path(args.out) if args.out else default_prefix(fused_dir, args.pair, conv.name)
+        per_pair = evaluate_folder(fused_dir, prepared, args.pair, conv, jobs=args.jobs)
+        pair, about = args.pair, "test pairs"
     summary = summarise(per_pair, ddof=conv.std_ddof)
     paths = write_results(prefix, per_pair, summary)
-    title = f"{args.pair}: {len(per_pair)} test pairs, {args.fused}, convention {conv.name}"
+    title = f"{pair}: {len(per_pair)} {about}, {fused_dir}, convention {conv.name}"
     print(format_summary(summary, title))
     if log_to_active_run(summary, conv.name):
         log.info("logged the summary to the active MLflow run")
     else:
-        log_evaluation_run(params, Path(args.fused), args.pair, conv.name, summary, paths)
+        log_evaluation_run(params, fused_dir, pair, conv.name, summary, paths)
     log.info("wrote %s", ", ".join(str(p) for p in paths))
     _warn_undefined(summary)
     return per_pair
