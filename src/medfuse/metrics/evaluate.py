@@ -473,9 +473,8 @@ def evaluate_from_args(params: Mapping[str, Any], args: Any) -> pd.DataFrame:
     fused_dir = Path(args.fused)
     if args.sources:
         a_dir, b_dir = (Path(x) for x in args.sources)
-        prefix = (
-            Path(args.out) if args.out else fused_dir.with_name(f"{fused_dir.name}-{conv.name}")
-        )
+        beside = fused_dir.resolve()  # `--fused .` has no name of its own
+        prefix = Path(args.out) if args.out else beside.with_name(f"{beside.name}-{conv.name}")
         per_pair = evaluate_own_folder(fused_dir, a_dir, b_dir, conv, jobs=args.jobs)
         pair, about = OWN_SOURCES, f"images against {a_dir} and {b_dir}"
     else:
