@@ -211,8 +211,10 @@ def test_own_sources_score_as_the_test_split_does(prepared, fused_dir):
 def test_own_sources_missing_or_mis_sized_images_are_named(prepared, fused_dir):
     a_dir, b_dir = _own_dirs(prepared)
     (b_dir / "102.png").unlink()
-    with pytest.raises(DataError, match=r"no source image for 1 fused image\(s\): .*B/102\.\*"):
+    with pytest.raises(DataError, match=r"1 source image\(s\) missing: .*B/102\.\*"):
         evaluate_own_folder(fused_dir, a_dir, b_dir, "paper")
+    with pytest.raises(DataError, match=r"nowhere: source-image folder not found"):
+        evaluate_own_folder(fused_dir, a_dir, b_dir.with_name("nowhere"), "paper")
     write_image(b_dir / "102.png", np.zeros((SIZE, SIZE - 4), np.uint8))
     with pytest.raises(DataError, match=r"A_rgb/102\.png: size 48 x 48 differs from .*B/102\.png"):
         evaluate_own_folder(fused_dir, a_dir, b_dir, "paper")

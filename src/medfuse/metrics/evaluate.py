@@ -214,16 +214,17 @@ def evaluate_pair(a: np.ndarray, b: np.ndarray, fused: np.ndarray) -> dict[str, 
 
 
 # ----------------------------------------------------------------------------- a folder
-def fused_files(folder: Path) -> dict[str, Path]:
-    """Fused images directly in `folder` by name (sub-folders such as y/ are not read)."""
+def fused_files(folder: Path, kind: str = "fused") -> dict[str, Path]:
+    """Images directly in `folder` by name (sub-folders such as y/ are not read); `kind` names
+    them in errors (fused, source)."""
     if not folder.is_dir():
-        raise DataError(f"{folder}: fused-image folder not found")
+        raise DataError(f"{folder}: {kind}-image folder not found")
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     by_name: dict[str, Path] = {}
     for path in sorted(files):
         if path.stem in by_name:
             other = by_name[path.stem].name
-            raise DataError(f"{path}: two fused images named {path.stem!r} ({other})")
+            raise DataError(f"{path}: two {kind} images named {path.stem!r} ({other})")
         by_name[path.stem] = path
     return by_name
 
@@ -326,7 +327,7 @@ def match_own_sources(fused_dir: Path, a_dir: Path, b_dir: Path) -> list[tuple[P
     fused = fused_files(Path(fused_dir))
     if not fused:
         raise DataError(f"{fused_dir}: no fused images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    a_files, b_files = fused_files(Path(a_dir)), fused_files(Path(b_dir))
+    a_files, b_files = (fused_files(Path(d), "source") for d in (a_dir, b_dir))
     triples, missing = [], []
     for name, path in fused.items():
         found = [files.get(name) for files in (a_files, b_files)]
@@ -335,7 +336,7 @@ def match_own_sources(fused_dir: Path, a_dir: Path, b_dir: Path) -> list[tuple[P
             triples.append((path, *found))
     if missing:
         shown = ", ".join(missing[:10])
-        raise DataError(f"{fused_dir}: no source image for {len(missing)} fused image(s): {shown}")
+        raise DataError(f"{fused_dir}: {len(missing)} source image(s) missing: {shown}")
     return triples
 
 
