@@ -286,9 +286,20 @@ def evaluate_folder(
     paths = match_test_names(Path(fused_dir), [str(n) for n in rows["name"]])
     names = list(names)
     read = [_read_test_pair(prepared, row, paths) for _, row in rows.iterrows()]
+    return _score_table(read, list(rows["name"]), convention, names, jobs)
+
+
+def _score_table(
+    read: list[tuple[tuple[np.ndarray, np.ndarray, np.ndarray], tuple[str, str, str]]],
+    row_names: list[str],
+    convention: str | Convention,
+    names: list[str],
+    jobs: int,
+) -> pd.DataFrame:
+    """One row per read (images, labels) pair: `name`, then one column per metric."""
     triples, labels = [images for images, _ in read], [label for _, label in read]
     scores = evaluate_many(triples, convention, names, labels, jobs)
-    records = [{"name": name, **values} for name, values in zip(rows["name"], scores, strict=True)]
+    records = [{"name": name, **values} for name, values in zip(row_names, scores, strict=True)]
     return pd.DataFrame.from_records(records, columns=["name", *names])
 
 
@@ -350,18 +361,9 @@ def evaluate_own_folder(
 ) -> pd.DataFrame:
     """Per-image metrics of the fused images in `fused_dir` against the same-named sources in
     `a_dir` (CT, or the functional image, grey or RGB) and `b_dir` (MRI, grey)."""
-    names = list(names)
-    read = [
-        _with_fused(f, read_image(a), read_image(b, mode="L"), a, b)
-        for f, a, b in match_own_sources(fused_dir, a_dir, b_dir)
-    ]
-    triples, labels = [images for images, _ in read], [label for _, label in read]
-    scores = evaluate_many(triples, convention, names, labels, jobs)
-    records = [
-        {"name": Path(label[0]).stem, **values}
-        for label, values in zip(labels, scores, strict=True)
-    ]
-    return pd.DataFrame.from_records(records, columns=["name", *names])
+    matched = match_own_sources(fused_dir, a_dir, b_dir)
+    read = [_with_fused(f, read_image(a), read_image(b, mode="L"), a, b) for f, a, b in matched]
+    return _score_table(read, [f.stem for f, _, _ in matched], convention, list(names), jobs)
 
 
 def summarise(per_pair: pd.DataFrame, ddof: int = 0) -> pd.DataFrame:
