@@ -19,7 +19,7 @@ from medfuse.methods.peer_blocks import (
     SwappedCrossAttentionFusion,
     minmax_per_image,
 )
-from tests.tiny import TINY_PEER_BACKBONE
+from tests.tiny import TINY_PEER_BACKBONE, train_steps
 
 # The same code as the papers' models, shrunk: 32 x 32 inputs are a multiple of 2^3 * patch 4.
 TINY = {
@@ -97,13 +97,7 @@ def test_a_few_optimiser_steps_reduce_the_loss(name: str, make_pair) -> None:
     net = tiny_net(name).train()
     a, b = batch(make_pair)
     optimiser = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(8):
-        loss, _ = net.training_loss(a, b)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        losses.append(loss.item())
+    losses = [loss for loss, _ in train_steps(net, a, b, optimiser, 8)]
     assert losses[-1] < 0.8 * losses[0], losses
 
 

@@ -19,6 +19,7 @@ from medfuse.methods.wdualmine import (
     WDualmineConfig,
     build,
 )
+from tests.tiny import train_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -185,13 +186,7 @@ def test_every_variant_trains(variant: str) -> None:
     model = tiny_model(**VARIANTS[variant], head_init_scale=3.0)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     a, b = images()
-    losses = []
-    for _ in range(8):
-        loss, _ = model.training_loss(a, b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = [loss for loss, _ in train_steps(model, a, b, opt, 8)]
     assert losses[-1] < losses[0]
 
 
@@ -206,13 +201,7 @@ def test_tiny_model_overfits_two_pairs(make_pair) -> None:
     b = torch.stack([torch.from_numpy(p[1]).float()[None] / 255 for p in pairs])
     model = tiny_model()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    history = []
-    for _ in range(150):
-        loss, terms = model.training_loss(a, b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        history.append(terms)
+    history = [terms for _, terms in train_steps(model, a, b, opt, 150)]
     first, last = history[0], history[-1]
     assert last["total"] < 0.8 * first["total"]
     assert last["mi"] < first["mi"] / 10
