@@ -32,11 +32,17 @@ def aanlib_mirror() -> Path:
 
 
 @pytest.fixture(scope="session")
-def published_mirror() -> Path:
-    path = SHARED / "data" / "published-fusions" / "ASFE-Fusion"
+def published_fusions() -> Path:
+    """The authors' published fusions: <peer>/<pair>/<id>.png for ASFE-Fusion and AdaFuse."""
+    path = SHARED / "data" / "published-fusions"
     if not path.is_dir():
         pytest.skip(f"published-fusions mirror not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def published_mirror(published_fusions: Path) -> Path:
+    return published_fusions / "ASFE-Fusion"
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.workspace import copy_repo, set_param
+
 BLOCK = re.compile(r"^(?:local)?rule (\w+):\n((?:    .*\n)+)", re.M)
 
 
@@ -66,10 +68,28 @@ def _covered(snake: set[str], dvc: set[str]) -> bool:
     )
 
 
+@pytest.fixture(scope="module")
+def peers_retrained_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the repository with the opt-in switch on: the peers retrained here too."""
+    repo = copy_repo(repo_root, tmp_path_factory.mktemp("retrained-peers"))
+    set_param(repo, ["experiments", "retrained_peers"], ["asfe-fusion", "adafuse"])
+    return repo
+
+
+def _repo(form: str, repo_root: Path, request: pytest.FixtureRequest) -> Path:
+    return (
+        repo_root if form == "paper protocol" else request.getfixturevalue("peers_retrained_repo")
+    )
+
+
+@pytest.mark.parametrize("form", ["paper protocol", "peers retrained"])
 @pytest.mark.parametrize("profile", ["paper", "quick"])
-def test_snakemake_and_dvc_run_the_same_steps(repo_root: Path, profile: str):
-    snake = snakemake_jobs(repo_root, profile)
-    dvc = dvc_stages(repo_root)
+def test_snakemake_and_dvc_run_the_same_steps(
+    repo_root: Path, profile: str, form: str, request: pytest.FixtureRequest
+):
+    repo = _repo(form, repo_root, request)
+    snake = snakemake_jobs(repo, profile)
+    dvc = dvc_stages(repo)
     assert len(snake) == len(dvc), (len(snake), len(dvc))
     unmatched = []
     for name, deps, outs in dvc:
@@ -77,3 +97,26 @@ def test_snakemake_and_dvc_run_the_same_steps(repo_root: Path, profile: str):
         if len(matches) != 1 or not _covered(matches[0][1], deps):
             unmatched.append((name, sorted(deps), sorted(outs), matches))
     assert not unmatched, unmatched[:3]
+
+
+def _trained_methods(repo: Path) -> set[str]:
+    jobs = snakemake_jobs(repo, "paper")
+    return {next(iter(outs)).split("/")[2] for rule, _, outs in jobs if rule == "train"}
+
+
+def test_the_paper_protocol_trains_only_w_dualmine_and_scores_the_published_peers(
+    repo_root: Path,
+):
+    """The default `all` is what the paper ran: no 2000-epoch peer training is planned."""
+    assert _trained_methods(repo_root) == {"wdualmine"}
+    fused = {
+        next(iter(outs)).split("/")[2]
+        for rule, _, outs in snakemake_jobs(repo_root, "paper")
+        if rule == "fuse"
+    }
+    assert {"published-asfe-fusion", "published-adafuse"} <= fused
+    assert not fused & {"asfe-fusion", "adafuse"}
+
+
+def test_retraining_the_peers_is_one_switch(peers_retrained_repo: Path):
+    assert _trained_methods(peers_retrained_repo) == {"wdualmine", "asfe-fusion", "adafuse"}

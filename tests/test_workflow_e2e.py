@@ -8,61 +8,16 @@ Slow (minutes): deselect with `-m "not workflow"` while iterating.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
-import yaml
+
+from tests.workspace import SHARED, copy_repo, mirror_env, set_param
 
 pytestmark = pytest.mark.workflow
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _copy_repo(src: Path, dst: Path) -> Path:
-    """Tracked and untracked-but-not-ignored files only, as a fresh clone would have."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=src,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\0")
-    for rel in filter(None, listed):
-        if (src / rel).is_file():
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / rel, dst / rel)
-    for cmd in (
-        ["git", "init", "-q"],
-        ["git", "add", "-A"],
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
-    ):
-        subprocess.run(cmd, cwd=dst, check=True)
-    return dst
-
-
-def _env(repo: Path) -> dict[str, str]:
-    overlay = repo / "mirror.yaml"
-    overlay.write_text(
-        yaml.safe_dump(
-            {
-                "data": {
-                    "datasets": {
-                        "aanlib": {"base_url": str(SHARED / "aanlib")},
-                        "published-asfe-fusion": {
-                            "base_url": str(SHARED / "published-fusions" / "ASFE-Fusion")
-                        },
-                    }
-                }
-            }
-        )
-    )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MEDFUSE_"))}
-    env["MEDFUSE_PARAMS_OVERLAY"] = str(overlay)
-    return env
 
 
 def _run(cmd: list[str], repo: Path, env: dict[str, str]) -> tuple[str, float]:
@@ -83,6 +38,8 @@ def _assert_outputs(repo: Path) -> None:
     for n in range(1, 6):
         assert (repo / f"results/tables/table{n}.csv").is_file()
         assert (repo / f"results/tables/table{n}.md").is_file()
+    table1 = (repo / "results/tables/table1.md").read_text()
+    assert "published-adafuse" in table1 and "published-asfe-fusion" in table1
     for stem in ("fig3_CT-MRI", "fig4_PET-MRI", "fig5_SPECT-MRI", "fig6_curves", "fig6_radar"):
         for ext in ("png", "pdf"):
             assert (repo / f"results/figures/{stem}.{ext}").stat().st_size > 1000
@@ -92,11 +49,11 @@ def _assert_outputs(repo: Path) -> None:
 def quick_repo(tmp_path_factory, repo_root) -> Path:
     if not (SHARED / "aanlib").is_dir():
         pytest.skip("data mirror not available")
-    return _copy_repo(repo_root, tmp_path_factory.mktemp("snakemake"))
+    return copy_repo(repo_root, tmp_path_factory.mktemp("snakemake"))
 
 
 def test_snakemake_quick_profile_end_to_end(quick_repo: Path):
-    env = _env(quick_repo)
+    env = mirror_env(quick_repo)
     _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
     _assert_outputs(quick_repo)
     out, _ = _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
@@ -106,9 +63,9 @@ def test_snakemake_quick_profile_end_to_end(quick_repo: Path):
 def test_dvc_quick_profile_end_to_end_and_selective_rerun(tmp_path_factory, repo_root):
     if not (SHARED / "aanlib").is_dir():
         pytest.skip("data mirror not available")
-    repo = _copy_repo(repo_root, tmp_path_factory.mktemp("dvc"))
-    env = _env(repo)
-    _set_param(repo, ["profile"], "quick")
+    repo = copy_repo(repo_root, tmp_path_factory.mktemp("dvc"))
+    env = mirror_env(repo)
+    set_param(repo, ["profile"], "quick")
     _run(["dvc", "repro"], repo, env)
     _assert_outputs(repo)
     out, _ = _run(["dvc", "repro"], repo, env)
@@ -119,21 +76,11 @@ def test_dvc_quick_profile_end_to_end_and_selective_rerun(tmp_path_factory, repo
     assert "failed" not in plots.lower()
     assert (repo / "dvc_plots" / "index.html").is_file()
 
-    _set_param(repo, ["methods", "wdualmine", "loss", "mi"], 0.2)
+    set_param(repo, ["methods", "wdualmine", "loss", "mi"], 0.2)
     status = json.loads(_run(["dvc", "status", "--json"], repo, env)[0].strip() or "{}")
     trained = sorted(s for s in status if s.startswith("train"))
     assert trained and all("@wdualmine-" in s for s in trained), trained
     assert len(trained) == 3 + 8  # full on three pairs + eight ablations on CT-MRI
-
-
-def _set_param(repo: Path, keys: list[str], value: object) -> None:
-    path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    node = params
-    for key in keys[:-1]:
-        node = node[key]
-    node[keys[-1]] = value
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 def test_mlflow_ui_lists_the_workflow_runs(quick_repo: Path):

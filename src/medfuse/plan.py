@@ -40,17 +40,16 @@ def _ablation_jobs(exp: Mapping[str, Any]) -> list[Job]:
     return [Job(method, exp["ablation_pair"], v) for v in exp["ablations"]]
 
 
-def training_jobs(params: Mapping[str, Any]) -> list[Job]:
-    """Every learned method on every pair, plus the ablation variants."""
-    exp = params["experiments"]
-    full = [Job(canonical_method(m), p) for m in exp["learned"] for p in exp["pairs"]]
-    return full + _ablation_jobs(exp)
+def trained_methods(exp: Mapping[str, Any]) -> list[str]:
+    """The methods trained here: `learned`, plus the peers only when opted in (the paper scored
+    the peers from their authors' published images and never retrained them)."""
+    return [canonical_method(m) for m in [*exp["learned"], *exp["retrained_peers"]]]
 
 
 def fusion_jobs(params: Mapping[str, Any]) -> list[Job]:
-    """Every method (learned or not) on every pair, plus the ablation variants."""
+    """Every method (trained, published or classical) on every pair, plus the ablations."""
     exp = params["experiments"]
-    names = [*exp["learned"], *exp["classical"], *exp["published"]]
+    names = [*trained_methods(exp), *exp["classical"], *exp["published"]]
     methods = [canonical_method(m) for m in names]
     return [Job(m, p) for m in methods for p in exp["pairs"]] + _ablation_jobs(exp)
 

@@ -4,7 +4,7 @@
 import shlex
 
 from medfuse.config import load_params, method_config
-from medfuse.plan import fusion_jobs, is_learned, training_jobs
+from medfuse.plan import fusion_jobs, is_learned
 
 PROFILE = config.get("profile")
 PARAMS = load_params("params.yaml", profile=PROFILE)
@@ -26,7 +26,6 @@ wildcard_constraints:
     dataset="|".join(DATASETS),
 
 
-TRAIN_JOBS = training_jobs(PARAMS)
 FUSE_JOBS = fusion_jobs(PARAMS)
 CONVENTIONS = PARAMS["evaluate"]["conventions"]
 METHODS = sorted({job.method for job in FUSE_JOBS})
