@@ -203,13 +203,13 @@ def test_paper_psnr_compares_the_stored_rgb_images(make_pair):
     assert standard["PSNR_paper"] == pytest.approx(10 * math.log10(255**2 / (mse_grey / 2)))
 
 
-def test_paper_convention_uses_matlab_grey_for_fused_and_luma_for_the_source():
+def test_paper_convention_uses_the_luma_for_fused_and_source():
     fused = np.full((8, 8, 3), (207, 7, 250), np.uint8)
     fused[0, 0] = (0, 0, 0)
     conv = get_convention("paper")
-    assert conv.fused_grey == "matlab" and conv.source_grey == "bt601"
+    assert conv.fused_grey == "bt601" and conv.source_grey == "bt601"
     scores = evaluate_images(fused, fused, np.zeros((8, 8), np.uint8), conv, names=("SD",))
-    grey = to_grey(fused, "matlab").astype(float)
+    grey = to_grey(fused, "bt601").astype(float)
     assert scores["SD"] == pytest.approx(grey.std())
 
 

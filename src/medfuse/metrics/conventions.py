@@ -5,11 +5,12 @@ medfuse.metrics.core — never a second copy of a metric. See docs/metrics.md.
 
 - ``standard``: the project's own table (metrics.md): BT.601 luma for colour, bits, PSNR peak
   255 on 0..255 values, SSIM data range 255.
-- ``paper``: the W-DUALMINE paper's MATLAB toolbox, pinned by reproducing its ASFE-Fusion rows
-  from the published images: MATLAB ``rgb2gray`` for a colour fused image; the functional
-  source enters as its rounded BT.601 luma (what `medfuse prepare` stores as A; MATLAB
-  ``rgb2gray`` of the RGB PET gives MI 3.6224 ± 0.2656 instead of the paper's 3.6221 ± 0.2654);
-  PSNR_paper on the stored images (RGB fused vs RGB functional and grey MRI).
+- ``paper``: the W-DUALMINE paper's toolbox, pinned by reproducing its AdaFuse and ASFE-Fusion
+  rows from those authors' published images: a colour fused image and the functional source
+  both enter as their rounded BT.601 luma (the fused image through MATLAB ``rgb2gray`` instead
+  misses five of the 48 printed AdaFuse values in the 4th decimal; OpenCV's grey misses one ASFE
+  value; docs/metrics.md); PSNR_paper on the stored images (RGB fused vs RGB functional and grey
+  MRI).
 - ``cddfuse``: the widely copied Python evaluator of CDDFuse (Zhao et al., CVPR 2023): grey by
   OpenCV's float BGR->GRAY then ``np.round``; MI in nats; PSNR with the fused image's maximum
   as peak; SSIM with scikit-image's old float data range of 2.
@@ -67,13 +68,13 @@ CONVENTIONS: dict[str, Convention] = {
         ),
         Convention(
             name="paper",
-            fused_grey="matlab",
+            fused_grey="bt601",
             source_grey="bt601",
             log_base=2.0,
             psnr_peak="255",
             psnr_paper_stored=True,
             ssim_data_range=255.0,
-            description="W-DUALMINE paper's MATLAB toolbox (reproduces its ASFE-Fusion rows)",
+            description="W-DUALMINE paper's toolbox (reproduces its published peer rows)",
         ),
         Convention(
             name="cddfuse",
