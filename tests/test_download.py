@@ -1,20 +1,37 @@
-"""download: real HTTP path against a 127.0.0.1 server, mirrors, checksums, retries, resume."""
+"""download: real HTTP path against a 127.0.0.1 server, mirrors, checksums, retries, resume,
+and an unreachable source failing in seconds (never the internet: names are mocked)."""
 
 from __future__ import annotations
 
 import functools
 import hashlib
 import http.server
+import socket
 import threading
-from collections.abc import Iterator
+import time
+import urllib.error
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from medfuse.data.download import DownloadSettings, download, download_dataset, read_manifest
+from medfuse.cli import main
+from medfuse.data import download as download_module
+from medfuse.data.download import (
+    PROBE_TIMEOUT_S,
+    DownloadSettings,
+    ManifestEntry,
+    UnreachableError,
+    download,
+    download_dataset,
+    read_manifest,
+)
 from medfuse.errors import ConfigError, DataError, DownloadError
 
 FAST = DownloadSettings(workers=4, retries=2, backoff_s=0.01, timeout_s=5)
+# The shipped defaults: retrying an unreachable host per file would cost 7.5 s of back-off alone.
+DEFAULTS = DownloadSettings()
+UNRESOLVABLE = "medfuse-mirror.invalid"  # RFC 6761: never resolves
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
@@ -98,13 +115,167 @@ def test_checksum_mismatch_is_named_and_not_kept(tmp_path):
     assert not list(out.glob(".*part")), "a temporary file was left behind"
 
 
-def test_unreachable_base_url_fails_after_retries_leaving_nothing(tmp_path):
-    manifest = _manifest(tmp_path, {"a/b.png": b"payload"})
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _many_files(tmp_path: Path, n: int = 40) -> Path:
+    return _manifest(tmp_path, {f"d/{i}.png": b"payload %d" % i for i in range(n)})
+
+
+def _count_attempts(monkeypatch: pytest.MonkeyPatch, fake: Callable[..., None]) -> list[float]:
+    """Replace each fetch attempt by `fake`; return the list of their time-outs, growing."""
+    timeouts: list[float] = []
+
+    def attempt(base: str, entry: ManifestEntry, tmp: Path, timeout_s: float) -> None:
+        timeouts.append(timeout_s)
+        fake(len(timeouts), entry, tmp)
+
+    monkeypatch.setattr(download_module, "_copy_from", attempt)
+    return timeouts
+
+
+def _payload_of(entry: ManifestEntry, tmp: Path) -> None:
+    tmp.write_bytes(b"payload %d" % int(Path(entry.path).stem))
+
+
+def _assert_one_line_naming(message: str, url: str) -> None:
+    assert "\n" not in message, message
+    assert f"cannot reach {url}:" in message and "--source" in message, message
+
+
+def test_refused_connection_fails_in_seconds_with_one_line(tmp_path):
+    url = f"http://127.0.0.1:{_closed_port()}"
     out = tmp_path / "out"
-    # Port 9 on loopback: nothing listens there, so every attempt is refused at once.
-    with pytest.raises(DownloadError, match=r"a/b\.png: failed after 3 attempts"):
-        download(manifest, "http://127.0.0.1:9", out, FAST, progress=False)
-    assert not any(p.is_file() for p in out.rglob("*"))
+    start = time.perf_counter()
+    with pytest.raises(UnreachableError, match="connection refused") as caught:
+        download(_many_files(tmp_path), url, out, DEFAULTS, progress=False)
+    elapsed = time.perf_counter() - start
+    assert elapsed < 5, f"took {elapsed:.1f} s"
+    _assert_one_line_naming(str(caught.value), url)
+    assert not any(p.is_file() for p in out.rglob("*")), "a partial file was left behind"
+
+
+def test_unresolvable_host_fails_in_seconds(tmp_path, monkeypatch):
+    real = socket.getaddrinfo
+
+    def resolve(host: str, *args: object, **kwargs: object) -> list:
+        # A dead resolver can take many seconds to say so: answer at once, as one that works.
+        if host == UNRESOLVABLE:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    url = f"http://{UNRESOLVABLE}/data"
+    start = time.perf_counter()
+    with pytest.raises(UnreachableError, match="name does not resolve") as caught:
+        download(_many_files(tmp_path), url, tmp_path / "out", DEFAULTS, progress=False)
+    assert time.perf_counter() - start < 5
+    _assert_one_line_naming(str(caught.value), url)
+
+
+def test_probe_has_a_short_time_out_and_a_connect_time_out_stops_at_once(tmp_path, monkeypatch):
+    def no_connection(n: int, entry: ManifestEntry, tmp: Path) -> None:
+        raise urllib.error.URLError(TimeoutError("timed out"))
+
+    attempts = _count_attempts(monkeypatch, no_connection)
+    with pytest.raises(UnreachableError, match="no connection within 10 s"):
+        download(_many_files(tmp_path), "http://mirror.test", tmp_path / "out", DEFAULTS, False)
+    assert attempts == [min(DEFAULTS.timeout_s, PROBE_TIMEOUT_S)]
+
+
+def test_host_lost_mid_download_cancels_the_queue(tmp_path, monkeypatch):
+    def refused_after_first(n: int, entry: ManifestEntry, tmp: Path) -> None:
+        if n > 1:
+            raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+        _payload_of(entry, tmp)
+
+    attempts = _count_attempts(monkeypatch, refused_after_first)
+    start = time.perf_counter()
+    with pytest.raises(UnreachableError, match="connection refused"):
+        download(_many_files(tmp_path), "http://mirror.test", tmp_path / "out", DEFAULTS, False)
+    assert time.perf_counter() - start < 5
+    assert len(attempts) <= 1 + DEFAULTS.workers, "queued files kept trying a dead host"
+
+
+def test_connect_time_outs_in_a_row_stop_the_download(tmp_path, monkeypatch):
+    def time_out_after_first(n: int, entry: ManifestEntry, tmp: Path) -> None:
+        if n > 1:
+            raise urllib.error.URLError(TimeoutError("timed out"))
+        _payload_of(entry, tmp)
+
+    attempts = _count_attempts(monkeypatch, time_out_after_first)
+    settings = DownloadSettings(workers=2, retries=4, backoff_s=0.01, timeout_s=30)
+    with pytest.raises(UnreachableError, match="no connection within 30 s"):
+        download(_many_files(tmp_path), "http://mirror.test", tmp_path / "out", settings, False)
+    # Two time-outs per worker in a row, plus those already under way: not 5 per file.
+    assert len(attempts) <= 1 + 3 * settings.workers
+
+
+class _FlakyHandler(_QuietHandler):
+    """Answers 503 to the first two requests for each file, then serves it."""
+
+    failures_left: dict[str, int]
+
+    def do_GET(self) -> None:
+        left = self.failures_left.setdefault(self.path, 2)
+        if left:
+            self.failures_left[self.path] = left - 1
+            self.send_error(503, "try again")
+            return
+        super().do_GET()
+
+
+def test_flaky_files_still_get_their_retries(tmp_path, repo_root, aanlib_mirror):
+    manifest = _subset_manifest(tmp_path, repo_root, 6)
+    handler = type("Flaky", (_FlakyHandler,), {"failures_left": {}})
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(handler, directory=str(aanlib_mirror))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        summary = download(manifest, url, tmp_path / "raw", FAST, progress=False)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (summary.fetched, summary.skipped) == (6, 0)
+
+
+def test_missing_mirror_directory_fails_once(tmp_path):
+    missing = tmp_path / "no-mirror"
+    with pytest.raises(UnreachableError, match="no such directory") as caught:
+        download(_many_files(tmp_path), str(missing), tmp_path / "out", FAST, progress=False)
+    _assert_one_line_naming(str(caught.value), str(missing))
+
+
+def test_cli_unreachable_source_is_one_line_and_exit_2(tmp_path, repo_root, monkeypatch, capsys):
+    monkeypatch.chdir(repo_root)
+    monkeypatch.delenv("MEDFUSE_PARAMS_OVERLAY", raising=False)
+    url = f"http://127.0.0.1:{_closed_port()}"
+    start = time.perf_counter()
+    code = main(["download", "--dataset", "aanlib", "--source", url, "--out", str(tmp_path)])
+    assert time.perf_counter() - start < 5
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"medfuse download: error: cannot reach {url}: connection refused")
+    assert "--source" in lines[0] and "data.datasets.aanlib.base_url" in lines[0]
+
+
+def test_download_settings_and_source_form_do_not_change_the_files(
+    tmp_path, repo_root, aanlib_mirror
+):
+    manifest = _subset_manifest(tmp_path, repo_root, 10)
+    one = DownloadSettings(workers=1, retries=0, backoff_s=0, timeout_s=1)
+    download(manifest, str(aanlib_mirror), tmp_path / "a", one, progress=False)
+    download(manifest, aanlib_mirror.as_uri(), tmp_path / "b", FAST, progress=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    for entry in read_manifest(manifest):
+        assert (a / entry.path).read_bytes() == (b / entry.path).read_bytes()
 
 
 def test_missing_file_is_reported_without_retrying(tmp_path, mirror_url):

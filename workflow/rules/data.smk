@@ -1,13 +1,15 @@
 # Data stage: download (manifest + base URL, verified) -> prepare (paired, converted, validated).
 
 
+# The manifest (sha256 per file) alone defines the files, so it is what is tracked: the source
+# (base_url, a mirror) and data.download (workers, retries, time-outs) are no params, so
+# changing them reruns neither the download nor anything after it.
 rule download:
     input:
         manifest=lambda wc: DATASETS[wc.dataset]["manifest"],
     output:
         directory(f"{RAW_DIR}/{{dataset}}"),
     params:
-        spec=lambda wc: DATASETS[wc.dataset],
         profile=PROFILE_ARG,
     log:
         "logs/download/{dataset}.log",

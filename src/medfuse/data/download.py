@@ -5,19 +5,29 @@ The base URL is an `http(s)://` address (the public pinned-commit default, or a 
 retries and exponential back-off; files already present with the right size and hash are kept
 (so an interrupted download resumes); each file is written to a temporary name, verified and
 only then renamed, so a failed or corrupt fetch never leaves a file that looks complete.
+
+A host that cannot be reached at all (the name does not resolve, the connection is refused, no
+route, or no connection within the time-out) is not retried file by file: the first missing
+file is fetched alone first, with a short time-out, and any worker that meets such an error
+later stops every queued file. Otherwise timeout_s x attempts x files would keep an offline
+user waiting for hours; a single flaky file (5xx, reset, slow read) still gets its retries.
 """
 
 from __future__ import annotations
 
+import errno
+import http.client
 import logging
 import shutil
-import time
+import socket
+import ssl
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +66,32 @@ class DownloadSummary:
 
 class ChecksumError(DownloadError):
     """A fetched file's size or sha256 differs from the manifest."""
+
+
+class UnreachableError(DownloadError):
+    """The source cannot be reached at all, so no file of it can be fetched."""
+
+    def __init__(self, base: str, reason: str, dataset: str | None = None) -> None:
+        key = f"data.datasets.{dataset}.base_url" if dataset else "the dataset's base_url"
+        super().__init__(
+            f"cannot reach {base}: {reason}; use --source DIR_OR_URL (a local mirror) or set {key}"
+        )
+
+
+# The first missing file is fetched alone with at most this time-out: an unreachable host fails
+# in seconds, not after timeout_s (30 s by default) per attempt.
+PROBE_TIMEOUT_S = 10.0
+# This many connect time-outs in a row (no answer in between) mean the host is down.
+CONNECT_TIMEOUTS_PER_WORKER = 2
+CONNECT_TIMEOUT = "connect timed out"
+_NO_ROUTE = {
+    errno.ENETUNREACH: "network is unreachable",
+    errno.EHOSTUNREACH: "no route to host",
+    errno.ENETDOWN: "network is down",
+    errno.EHOSTDOWN: "host is down",
+}
+# Errors of one attempt worth retrying (unless permanent or unreachable, see below).
+_ATTEMPT_ERRORS = (OSError, urllib.error.URLError, http.client.HTTPException, ChecksumError)
 
 
 def read_manifest(path: str | Path) -> list[ManifestEntry]:
@@ -126,28 +162,165 @@ def _is_permanent(exc: Exception) -> bool:
     return isinstance(exc, FileNotFoundError)
 
 
-def fetch_one(base: str, entry: ManifestEntry, out_dir: Path, settings: DownloadSettings) -> bool:
+def unreachable_reason(exc: BaseException) -> str | None:
+    """Why no connection to the host could be made at all, or None for a problem of one file.
+
+    urllib wraps errors of connecting (and of the TLS handshake) in URLError; a time-out while
+    reading an answer arrives bare, so it stays a per-file, retried error.
+    """
+    if not isinstance(exc, urllib.error.URLError) or isinstance(exc, urllib.error.HTTPError):
+        return None
+    reason = exc.reason
+    if isinstance(reason, socket.gaierror):
+        return "name does not resolve"
+    if isinstance(reason, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return "TLS certificate not trusted"
+    if isinstance(reason, TimeoutError):
+        return CONNECT_TIMEOUT
+    if isinstance(reason, OSError) and reason.errno in _NO_ROUTE:
+        return _NO_ROUTE[reason.errno]
+    return None
+
+
+class HostGuard:
+    """Shared by every fetch of one download: once the host is known to be unreachable, each
+    fetch stops at its next attempt and the queued ones are cancelled."""
+
+    def __init__(
+        self, base: str, timeout_s: float, timeouts_to_stop: int, dataset: str | None = None
+    ) -> None:
+        self.base = base
+        self.dataset = dataset
+        self._timeout_s = timeout_s
+        self._timeouts_to_stop = timeouts_to_stop
+        self._timeouts = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._reason: str | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def error(self) -> UnreachableError:
+        return UnreachableError(self.base, self._reason or "unreachable", self.dataset)
+
+    def back_off(self, seconds: float) -> bool:
+        """Sleep before a retry; True (at once) if the download was stopped meanwhile."""
+        return self._stop.wait(seconds)
+
+    def observe(self, exc: BaseException | None) -> None:
+        """Record one attempt's outcome (None: success); stop all on an unreachable host."""
+        reason = unreachable_reason(exc) if exc is not None else None
+        with self._lock:
+            if reason is None:  # the host answered
+                self._timeouts = 0
+                return
+            if reason == CONNECT_TIMEOUT:
+                self._timeouts += 1
+                if self._timeouts < self._timeouts_to_stop:
+                    return
+                reason = f"no connection within {self._timeout_s:g} s"
+                if self._timeouts > 1:
+                    reason += f" ({self._timeouts} times in a row)"
+            self._reason = self._reason or reason
+        self._stop.set()
+
+
+def fetch_one(
+    base: str,
+    entry: ManifestEntry,
+    out_dir: Path,
+    settings: DownloadSettings,
+    guard: HostGuard | None = None,
+) -> bool:
     """Fetch one file unless already complete; return True when it was fetched."""
     target = out_dir / entry.path
     if is_complete(target, entry):
         return False
+    guard = guard or HostGuard(base, settings.timeout_s, timeouts_to_stop=settings.retries + 1)
     last_error: Exception | None = None
     for attempt in range(settings.retries + 1):
-        if attempt:
-            time.sleep(settings.backoff_s * 2 ** (attempt - 1))
+        if guard.stopped or (attempt and guard.back_off(settings.backoff_s * 2 ** (attempt - 1))):
+            raise guard.error()
         try:
             with atomic_path(target) as tmp:
                 _copy_from(base, entry, tmp, settings.timeout_s)
                 _verify(tmp, entry)
+            guard.observe(None)
             return True
-        except (OSError, urllib.error.URLError, ChecksumError) as exc:
+        except _ATTEMPT_ERRORS as exc:
             last_error = exc
             log.debug("attempt %d for %s failed: %s", attempt + 1, entry.path, exc)
+            guard.observe(exc)
             if _is_permanent(exc):
                 raise DownloadError(f"{entry.path}: not available from {base}: {exc}") from exc
+    if guard.stopped:
+        raise guard.error()
     raise DownloadError(
         f"{entry.path}: failed after {settings.retries + 1} attempts from {base}: {last_error}"
     )
+
+
+def _check_source(base: str, kind: str, dataset: str | None) -> None:
+    """A local mirror that does not exist fails once, not once per file."""
+    if kind == "http":
+        return
+    root = Path(urllib.parse.urlparse(base).path) if kind == "file" else Path(base)
+    if not root.is_dir():
+        raise UnreachableError(base, "no such directory", dataset)
+
+
+def _probe(
+    base: str,
+    entry: ManifestEntry,
+    out_dir: Path,
+    settings: DownloadSettings,
+    dataset: str | None,
+) -> bool:
+    """Fetch `entry` alone, once, with a short time-out; True if fetched.
+
+    An unreachable host raises UnreachableError here, before any worker starts; any other
+    failure is left to the pool, which retries the file as usual.
+    """
+    once = replace(settings, retries=0, timeout_s=min(settings.timeout_s, PROBE_TIMEOUT_S))
+    guard = HostGuard(base, once.timeout_s, timeouts_to_stop=1, dataset=dataset)
+    try:
+        return fetch_one(base, entry, out_dir, once, guard)
+    except UnreachableError:
+        raise
+    except DownloadError:
+        return False
+
+
+def _fetch_all(
+    base: str,
+    entries: list[ManifestEntry],
+    out_dir: Path,
+    settings: DownloadSettings,
+    guard: HostGuard,
+    bar: tqdm,
+) -> tuple[int, list[str]]:
+    """Fetch `entries` in a thread pool; return (files fetched, one message per failed file)."""
+    fetched = 0
+    failures: list[str] = []
+    with ThreadPoolExecutor(max_workers=settings.workers) as pool:
+        futures = [pool.submit(fetch_one, base, e, out_dir, settings, guard) for e in entries]
+        for future in as_completed(futures):
+            try:
+                fetched += future.result()
+            except UnreachableError:
+                # Queued files never start; running ones stop at their next attempt.
+                pool.shutdown(wait=False, cancel_futures=True)
+                break
+            except DownloadError as exc:
+                failures.append(str(exc))
+            bar.update()
+    if guard.stopped:
+        raise guard.error()
+    return fetched, failures
 
 
 def download(
@@ -156,36 +329,43 @@ def download(
     out_dir: str | Path,
     settings: DownloadSettings | None = None,
     progress: bool = True,
+    dataset: str | None = None,
 ) -> DownloadSummary:
-    """Fetch every manifest entry from `base` into `out_dir`; raise listing the files that failed."""
+    """Fetch every manifest entry from `base` into `out_dir`; raise listing the files that failed.
+
+    `dataset` only names the params key to fix in the message of an unreachable source.
+    """
     settings = settings or DownloadSettings()
     entries = read_manifest(manifest)
     out_dir = Path(out_dir)
-    _source_kind(base)  # fail on a bad scheme before starting threads
-    fetched = skipped = 0
-    failures: list[str] = []
-    with (
-        ThreadPoolExecutor(max_workers=settings.workers) as pool,
-        tqdm(
-            total=len(entries), unit="file", desc=f"download {out_dir}", disable=not progress
-        ) as bar,
-    ):
-        futures = {pool.submit(fetch_one, base, e, out_dir, settings): e for e in entries}
-        for future in as_completed(futures):
-            try:
-                if future.result():
-                    fetched += 1
-                else:
-                    skipped += 1
-            except DownloadError as exc:
-                failures.append(str(exc))
-            bar.update()
+    kind = _source_kind(base)  # fail on a bad scheme before starting threads
+    missing = [e for e in entries if not is_complete(out_dir / e.path, e)]
+    fetched = 0
+    if missing:
+        _check_source(base, kind, dataset)
+        if kind == "http" and _probe(base, missing[0], out_dir, settings, dataset):
+            fetched, missing = 1, missing[1:]
+    guard = HostGuard(
+        base,
+        settings.timeout_s,
+        timeouts_to_stop=CONNECT_TIMEOUTS_PER_WORKER * settings.workers,
+        dataset=dataset,
+    )
+    with tqdm(
+        total=len(entries),
+        initial=len(entries) - len(missing),
+        unit="file",
+        desc=f"download {out_dir}",
+        disable=not progress,
+    ) as bar:
+        fetched_by_pool, failures = _fetch_all(base, missing, out_dir, settings, guard, bar)
     if failures:
         shown = "\n  ".join(sorted(failures)[:5])
         more = f"\n  ... and {len(failures) - 5} more" if len(failures) > 5 else ""
         raise DownloadError(f"{len(failures)} of {len(entries)} files failed:\n  {shown}{more}")
-    log.info("%s: %d fetched, %d already present", out_dir, fetched, skipped)
-    return DownloadSummary(fetched=fetched, skipped=skipped)
+    fetched += fetched_by_pool
+    log.info("%s: %d fetched, %d already present", out_dir, fetched, len(entries) - fetched)
+    return DownloadSummary(fetched=fetched, skipped=len(entries) - fetched)
 
 
 def dataset_dir(params: Mapping[str, Any], dataset: str) -> Path:
@@ -212,8 +392,8 @@ def download_dataset(
         out_dir or dataset_dir(params, dataset),
         settings=settings,
         progress=progress,
+        dataset=dataset,
     )
-    print(
-        f"{dataset}: {summary.total} files verified ({summary.fetched} fetched, {summary.skipped} present)"
-    )
+    counts = f"{summary.fetched} fetched, {summary.skipped} present"
+    print(f"{dataset}: {summary.total} files verified ({counts})")
     return summary
