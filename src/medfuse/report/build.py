@@ -14,7 +14,7 @@ from medfuse.data.prepared import PreparedData
 from medfuse.errors import DataError
 from medfuse.io import read_image, write_text_atomic
 from medfuse.plan import RESULTS, Job, fusion_jobs
-from medfuse.report import figures, tables
+from medfuse.report import claims, figures, tables
 from medfuse.report.markdown import render_report
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,7 @@ def build_report(
     primary = params["evaluate"]["convention"]
     per_pair = load_per_pair(jobs, primary)
     markdown, comparisons = write_tables(params, per_pair, out / "tables")
+    markdown["claims"] = claims.claims_section(per_pair, out / "tables")
     others = {}
     for convention in params["evaluate"]["conventions"]:
         if convention != primary:

@@ -130,6 +130,7 @@ def render_report(
         "(`PSNR_paper`), FMI compared as `FMI_dct`.",
         f"- Standard deviations over test pairs with ddof = {params['report']['std_ddof']}.",
         "",
+        markdown.get("claims"),  # what a reader wants first: a verdict on each claim
         "## Agreement with the paper",
         "",
         *_agreement_summary(comparisons),
