@@ -129,3 +129,54 @@ def test_figures_are_saved_as_png_and_pdf(tmp_path):
     )
     assert all(p.stat().st_size > 1000 for p in written)
     assert figures.normalised_means(per_pair, ["EN"]).loc["wdualmine", "EN"] == 1.0
+
+
+def test_comparison_table_reads_the_full_model_only():
+    spec = tables.paper_values()["tables"]["table1"]
+    per_pair = pd.concat(
+        [
+            _per_pair("wdualmine", "CT-MRI", "full", 4.3),
+            _per_pair("wdualmine", "CT-MRI", "no_gce", 9.0),  # an ablation of the same pair
+            _per_pair("wdualmine", "CT-MRI", "full_seed1", 7.0),  # another seed
+        ]
+    )
+    frame = tables.comparison_table(per_pair, spec, ["wdualmine"]).set_index("method")
+    assert abs(frame.loc["wdualmine", "EN_mean"] - 4.3) < 0.01
+
+
+def test_seed_spread_averages_over_seeds_beside_the_spread_over_pairs():
+    per_pair = pd.concat(
+        [
+            _per_pair("wdualmine", "CT-MRI", "full", 4.0),
+            _per_pair("wdualmine", "CT-MRI", "full_seed1", 4.2),
+            _per_pair("wdualmine", "CT-MRI", "full_seed2", 4.4),
+            _per_pair("wdualmine", "CT-MRI", "no_gce", 9.0),  # not a seed of the full model
+            _per_pair("wdualmine", "PET-MRI", "full", 5.0),  # one seed: no spread to show
+            _per_pair("average", "CT-MRI", "full", 4.1),
+        ]
+    )
+    frame = tables.seed_spread_table(per_pair)
+    assert frame[["method", "pair", "seeds"]].values.tolist() == [["wdualmine", "CT-MRI", 3]]
+    row = frame.iloc[0]
+    ours = per_pair[(per_pair.method == "wdualmine") & (per_pair.pair == "CT-MRI")]
+    per_seed = [ours[ours.variant == v].EN.mean() for v in ("full", "full_seed1", "full_seed2")]
+    assert row["EN_mean"] == pytest.approx(np.mean(per_seed))
+    assert row["EN_std_over_seeds"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert row["EN_std_over_pairs"] == pytest.approx(ours[ours.variant == "full"].EN.std(ddof=0))
+    markdown = tables.seed_spread_markdown(frame)
+    assert "| wdualmine | CT-MRI | 3 |" in markdown and "Seed spread" in markdown
+
+
+def test_fmi_note_sets_each_published_peer_beside_the_paper():
+    from medfuse.report.markdown import _fmi_note
+
+    per_pair = pd.concat(
+        [
+            _per_pair("published-asfe-fusion", "CT-MRI", "full", 5.4),
+            _per_pair("published-adafuse", "CT-MRI", "full", 5.0),
+        ]
+    )
+    note = _fmi_note(per_pair)
+    assert "ASFE-Fusion 0.4200 ± 0.0000 (paper 0.4066 ± 0.0180)" in note
+    assert "AdaFuse 0.4200 ± 0.0000 (paper 0.4343 ± 0.0170)" in note
+    assert _fmi_note(_per_pair("wdualmine", "CT-MRI", "full", 4.3)) == ""

@@ -97,6 +97,10 @@ def write_tables(
             frame = comparisons[key] = tables.comparison_table(per_pair, table, methods, ddof)
             markdown[key] = tables.comparison_markdown(frame, table["title"])
         tables.write_table(frame, markdown[key], out, key)
+    seeds = tables.seed_spread_table(per_pair, ddof)
+    if not seeds.empty:
+        markdown["seeds"] = tables.seed_spread_markdown(seeds)
+        tables.write_table(seeds, markdown["seeds"], out, "seeds")
     metrics = tables.metric_columns(per_pair)
     for pair in params["experiments"]["pairs"]:
         stats = tables.paired_statistics(per_pair, pair, metrics)

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from medfuse.config import split_seed
 from medfuse.io import write_text_atomic
 from medfuse.report.stats import paired_test, summarise
 
@@ -50,8 +51,9 @@ def comparison_table(
     spec = paper_values()
     columns = spec["metric_columns"]
     rows = []
+    full = per_pair[(per_pair.variant == "full") & (per_pair.pair == table["pair"])]
     for method in methods:
-        subset = per_pair[(per_pair.method == method) & (per_pair.pair == table["pair"])]
+        subset = full[full.method == method]  # not the ablations or the other seeds
         if subset.empty:
             continue
         ours = _ours(subset, metric_columns(per_pair), ddof)
@@ -101,6 +103,47 @@ def ablation_table(
             }
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def seed_spread_table(per_pair: pd.DataFrame, ddof: int = 0) -> pd.DataFrame:
+    """Each method whose full model ran with several seeds (`full`, `full_seed<N>`), per pair:
+    the mean over seeds of the per-seed means, their std over seeds (sample, ddof 1: a few
+    seeds), and beside it the std over test pairs of the run with `seed` (ddof as the tables)."""
+    columns = list(paper_values()["metric_columns"].values())
+    base = per_pair.variant.map(lambda v: split_seed(v)[0])
+    rows = []
+    for (method, pair), group in per_pair[base == "full"].groupby(["method", "pair"], sort=False):
+        if group.variant.nunique() < 2:
+            continue
+        metrics = [m for m in columns if m in group]
+        per_seed = group.groupby("variant")[metrics].mean()
+        main = group[group.variant == "full"]
+        row: dict[str, Any] = {"method": method, "pair": pair, "seeds": len(per_seed)}
+        for m in metrics:
+            row |= {
+                f"{m}_mean": per_seed[m].mean(),
+                f"{m}_std_over_seeds": per_seed[m].std(ddof=1),
+                f"{m}_std_over_pairs": summarise(main[m], ddof)[1] if not main.empty else np.nan,
+            }
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_spread_markdown(table: pd.DataFrame) -> str:
+    metrics = [c.removesuffix("_mean") for c in table.columns if c.endswith("_mean")]
+    lines = [
+        "### Seed spread: mean ± std over seeds (std over test pairs of the `seed` run)",
+        "",
+        "| method | pair | seeds | " + " | ".join(metrics) + " |",
+        "|---" * (len(metrics) + 3) + "|",
+    ]
+    for _, r in table.iterrows():
+        cells = [
+            f"{_fmt(r[f'{m}_mean'], r[f'{m}_std_over_seeds'])} ({_fmt(r[f'{m}_std_over_pairs'])})"
+            for m in metrics
+        ]
+        lines.append(f"| {r.method} | {r.pair} | {r.seeds} | " + " | ".join(cells) + " |")
+    return "\n".join([*lines, ""])
 
 
 def paired_statistics(per_pair: pd.DataFrame, pair: str, metrics: list[str]) -> pd.DataFrame:
