@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from medfuse.cli import main
 
 
@@ -46,3 +48,24 @@ def test_entry_point_is_installed(repo_root):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "unsupported base URL 'ftp://x'" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["download"],
+        ["prepare"],
+        ["train", "--pair", "CT-MRI"],
+        ["fuse"],
+        ["evaluate", "--pair", "CT-MRI", "--fused", "x"],
+        ["report"],
+        ["init-tracking"],
+    ],
+)
+def test_ctrl_c_is_one_line_and_exit_130_for_every_command(argv, monkeypatch, capsys):
+    def interrupted(args: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("medfuse.cli._params", interrupted)
+    assert main(argv) == 130
+    assert capsys.readouterr().err == f"medfuse {argv[0]}: interrupted\n"

@@ -6,7 +6,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import logging
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -14,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medfuse.cli import main
 from medfuse.data import download as download_module
@@ -297,3 +303,133 @@ def test_unsupported_scheme_is_a_config_error(tmp_path):
     manifest = _manifest(tmp_path, {"a.png": b"x"})
     with pytest.raises(ConfigError, match="ftp"):
         download(manifest, "ftp://example.org/data", tmp_path / "out", FAST, progress=False)
+
+
+# ------------------------------------------------------------------- Ctrl-C and leftovers
+
+
+class _StallingHandler(_QuietHandler):
+    """Answers the first request (the probe) 503; then, by `mode`, every request 503 (the
+    download backs off and retries) or none at all (the workers hang in a read)."""
+
+    mode: str
+    requests: list[str]
+    release: threading.Event
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        if self.mode == "hang" and len(self.requests) > 1:
+            self.release.wait(60)
+            return
+        self.send_error(503, "try again later")
+
+
+def _stalling_server(mode: str) -> tuple[http.server.ThreadingHTTPServer, type[_StallingHandler]]:
+    handler = type("Stalling", (_StallingHandler,), {"mode": mode, "requests": []})
+    handler.release = threading.Event()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, handler
+
+
+def _cli_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MEDFUSE_", "MLFLOW_"))}
+
+
+@pytest.mark.parametrize("mode", ["503", "hang"])
+def test_ctrl_c_stops_a_retrying_download_at_once_with_exit_130(tmp_path, repo_root, mode):
+    """SIGINT while the workers sleep in a 30 s back-off (503s), or are blocked in a read with
+    a 30 s time-out (a server that never answers): exit 130 within 1.5 s, one line."""
+    files = {f"MyDatasets/{i}.png": bytes([i]) * 100 for i in range(6)}
+    overlay = tmp_path / "slow.yaml"
+    overlay.write_text(
+        yaml.safe_dump(
+            {
+                "data": {
+                    "datasets": {"aanlib": {"manifest": str(_manifest(tmp_path, files))}},
+                    "download": {"workers": 2, "retries": 5, "backoff_s": 30, "timeout_s": 30},
+                }
+            }
+        )
+    )
+    server, handler = _stalling_server(mode)
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    out = tmp_path / "raw"
+    command = [sys.executable, "-m", "medfuse.cli", "download", "--source", url, "--out", str(out)]
+    command += ["--params", str(repo_root / "params.yaml"), "--overlay", str(overlay)]
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while len(handler.requests) < 3 and time.monotonic() < deadline:  # probe + 2 workers
+            time.sleep(0.05)
+        assert len(handler.requests) >= 3, "the download never reached its workers"
+        time.sleep(0.3)  # the workers are now in their back-off, or blocked in a read
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=10)
+        latency = time.monotonic() - sent
+    finally:
+        proc.kill()
+        handler.release.set()
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 130, err
+    assert latency < 1.5, f"exit took {latency:.2f} s after SIGINT"
+    assert err.decode().strip().splitlines() == ["medfuse download: interrupted"]
+
+
+def test_leftover_temporary_files_are_removed_by_the_next_run(tmp_path, caplog):
+    files = {"MyDatasets/a.png": b"a" * 50, "MyDatasets/sub/b.png": b"b" * 60}
+    mirror = tmp_path / "mirror"
+    for name, payload in files.items():
+        (mirror / name).parent.mkdir(parents=True, exist_ok=True)
+        (mirror / name).write_bytes(payload)
+    manifest = _manifest(tmp_path, files)
+    out = tmp_path / "raw"
+    download(manifest, str(mirror), out, FAST, progress=False)
+    # What a download killed outright leaves: atomic_path's hidden temporary names.
+    leftovers = [
+        out / "MyDatasets/.a.png.k2x9_q1z.part",
+        out / "MyDatasets/sub/.c.png.00abcdef.part",
+    ]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    # Not ours: other names are never touched, even when they look alike.
+    others = [out / "MyDatasets/notes.part", out / "MyDatasets/.keep", out / "x.png.abcdefgh.part"]
+    for path in others:
+        path.write_bytes(b"keep")
+    with caplog.at_level(logging.INFO, logger="medfuse.io"):
+        summary = download(manifest, str(mirror), out, FAST, progress=False)
+    assert (summary.fetched, summary.skipped) == (0, 2)  # the real files stay
+    assert not any(path.exists() for path in leftovers)
+    assert all(path.read_bytes() == b"keep" for path in others)
+    assert "removed 2 leftover temporary file(s)" in caplog.text
+
+
+def test_a_download_killed_outright_is_cleaned_up_by_the_next(tmp_path, aanlib_mirror, repo_root):
+    """SIGKILL while workers are inside their temporary files; the next run removes them."""
+    manifest = _subset_manifest(tmp_path, repo_root, 4)
+    server, handler = _stalling_server("hang")
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    out = tmp_path / "raw"
+    script = (
+        "import sys; from medfuse.data.download import download, DownloadSettings; "
+        "download(sys.argv[1], sys.argv[2], sys.argv[3], DownloadSettings(2, 0, 0, 30), False)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(manifest), url, str(out)])
+    try:
+        deadline = time.monotonic() + 30
+        while len(handler.requests) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.kill()
+        proc.wait(timeout=10)
+    finally:
+        handler.release.set()
+        server.shutdown()
+        server.server_close()
+    assert len(list(out.rglob(".*.part"))) == 2  # one per blocked worker
+    download(manifest, str(aanlib_mirror), out, FAST, progress=False)
+    assert not list(out.rglob("*.part"))

@@ -7,7 +7,9 @@ so an interrupted step never leaves a partial file that looks complete.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +20,12 @@ from PIL import Image, UnidentifiedImageError
 
 from medfuse.errors import DataError
 
+log = logging.getLogger(__name__)
+
 _CHUNK = 1 << 20
+# atomic_path's temporary names: ".<name>.<8 random characters of mkstemp>.part", hidden.
+_TEMP_PREFIX, _TEMP_SUFFIX = ".", ".part"
+TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.part$")
 _UMASK = os.umask(0)
 os.umask(_UMASK)  # reading the umask means setting it: put it straight back
 
@@ -36,7 +43,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f"{_TEMP_PREFIX}{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent
+    )
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -46,6 +55,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete atomic_path's temporary files under `folder`, left by a process killed outright
+    (its `finally` never ran); return how many. Files of any other name are never touched."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    candidates = folder.rglob(f"{_TEMP_PREFIX}*{_TEMP_SUFFIX}")
+    stale = [p for p in candidates if TEMP_NAME.match(p.name) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("%s: removed %d leftover temporary file(s) (.*.part)", folder, len(stale))
+    return len(stale)
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -11,6 +11,10 @@ route, or no connection within the time-out) is not retried file by file: the fi
 file is fetched alone first, with a short time-out, and any worker that meets such an error
 later stops every queued file. Otherwise timeout_s x attempts x files would keep an offline
 user waiting for hours; a single flaky file (5xx, reset, slow read) still gets its retries.
+
+Ctrl-C stops the whole download at once (exit 130 from the CLI): back-offs wake, queued files
+never start, and no worker holds the exit. Temporary files left by a download killed outright
+are removed by the next one.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import errno
 import http.client
 import logging
+import queue
 import shutil
 import socket
 import ssl
@@ -26,7 +31,6 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ from typing import Any
 from tqdm import tqdm
 
 from medfuse.errors import ConfigError, DataError, DownloadError
-from medfuse.io import atomic_path, sha256_file
+from medfuse.io import atomic_path, remove_stale_temporaries, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -211,6 +215,12 @@ class HostGuard:
         """Sleep before a retry; True (at once) if the download was stopped meanwhile."""
         return self._stop.wait(seconds)
 
+    def cancel(self) -> None:
+        """Stop every fetch at its next attempt (Ctrl-C): sleeping back-offs return at once."""
+        with self._lock:
+            self._reason = self._reason or "download interrupted"
+        self._stop.set()
+
     def observe(self, exc: BaseException | None) -> None:
         """Record one attempt's outcome (None: success); stop all on an unreachable host."""
         reason = unreachable_reason(exc) if exc is not None else None
@@ -295,6 +305,59 @@ def _probe(
         return False
 
 
+# How often the main thread checks that workers are still alive while it waits for results.
+_POLL_S = 0.5
+
+
+def _start_workers(
+    base: str,
+    entries: list[ManifestEntry],
+    out_dir: Path,
+    settings: DownloadSettings,
+    guard: HostGuard,
+) -> tuple[list[threading.Thread], queue.SimpleQueue]:
+    """Daemon threads fetching `entries`; each entry taken yields one (fetched, error) result.
+
+    Daemon threads rather than a ThreadPoolExecutor, whose workers the interpreter joins at
+    exit: a worker blocked in a network read would hold a Ctrl-C for up to timeout_s.
+    """
+    todo: queue.SimpleQueue[ManifestEntry] = queue.SimpleQueue()
+    for entry in entries:
+        todo.put(entry)
+    results: queue.SimpleQueue[tuple[bool, BaseException | None]] = queue.SimpleQueue()
+
+    def work() -> None:
+        while not guard.stopped:  # once stopped, queued files never start
+            try:
+                entry = todo.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results.put((fetch_one(base, entry, out_dir, settings, guard), None))
+            except BaseException as exc:  # handed to the main thread, which decides
+                results.put((False, exc))
+
+    count = min(settings.workers, len(entries))
+    threads = [
+        threading.Thread(target=work, name=f"download-{i}", daemon=True) for i in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def _next_result(
+    results: queue.SimpleQueue, threads: list[threading.Thread]
+) -> tuple[bool, BaseException | None] | None:
+    """The next worker result, or None once no worker is alive and none is left to read."""
+    while True:
+        try:
+            return results.get(timeout=_POLL_S)
+        except queue.Empty:
+            if not any(thread.is_alive() for thread in threads) and results.empty():
+                return None
+
+
 def _fetch_all(
     base: str,
     entries: list[ManifestEntry],
@@ -303,21 +366,27 @@ def _fetch_all(
     guard: HostGuard,
     bar: tqdm,
 ) -> tuple[int, list[str]]:
-    """Fetch `entries` in a thread pool; return (files fetched, one message per failed file)."""
+    """Fetch `entries` in worker threads; return (files fetched, one message per failed file)."""
     fetched = 0
     failures: list[str] = []
-    with ThreadPoolExecutor(max_workers=settings.workers) as pool:
-        futures = [pool.submit(fetch_one, base, e, out_dir, settings, guard) for e in entries]
-        for future in as_completed(futures):
-            try:
-                fetched += future.result()
-            except UnreachableError:
-                # Queued files never start; running ones stop at their next attempt.
-                pool.shutdown(wait=False, cancel_futures=True)
+    threads, results = _start_workers(base, entries, out_dir, settings, guard)
+    try:
+        for _ in entries:
+            outcome = _next_result(results, threads)
+            if outcome is None:  # every worker has stopped
                 break
-            except DownloadError as exc:
+            ok, exc = outcome
+            if isinstance(exc, UnreachableError):
+                break  # queued files never start; running ones stop at their next attempt
+            if isinstance(exc, DownloadError):
                 failures.append(str(exc))
+            elif exc is not None:
+                raise exc
+            fetched += ok
             bar.update()
+    except BaseException:  # Ctrl-C above all: stop the workers, but wait for none of them
+        guard.cancel()
+        raise
     if guard.stopped:
         raise guard.error()
     return fetched, failures
@@ -328,17 +397,20 @@ def download(
     base: str,
     out_dir: str | Path,
     settings: DownloadSettings | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
     dataset: str | None = None,
 ) -> DownloadSummary:
     """Fetch every manifest entry from `base` into `out_dir`; raise listing the files that failed.
 
-    `dataset` only names the params key to fix in the message of an unreachable source.
+    `progress`: a progress bar (None: only when stderr is a terminal, so logs and the
+    one-line errors stay clean). `dataset` only names the params key to fix in the message of
+    an unreachable source.
     """
     settings = settings or DownloadSettings()
     entries = read_manifest(manifest)
     out_dir = Path(out_dir)
     kind = _source_kind(base)  # fail on a bad scheme before starting threads
+    remove_stale_temporaries(out_dir)
     missing = [e for e in entries if not is_complete(out_dir / e.path, e)]
     fetched = 0
     if missing:
@@ -356,7 +428,7 @@ def download(
         initial=len(entries) - len(missing),
         unit="file",
         desc=f"download {out_dir}",
-        disable=not progress,
+        disable=None if progress is None else not progress,
     ) as bar:
         fetched_by_pool, failures = _fetch_all(base, missing, out_dir, settings, guard, bar)
     if failures:
@@ -378,7 +450,7 @@ def download_dataset(
     dataset: str,
     source: str | None = None,
     out_dir: str | Path | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> DownloadSummary:
     """`medfuse download`: the dataset's manifest and base URL from params, overridable."""
     datasets = params["data"]["datasets"]
