@@ -1,11 +1,17 @@
-"""Shared fixtures: the read-only mirrors in ../shared, a prepared copy of AANLIB, tiny pairs."""
+"""Shared fixtures: the read-only mirrors in ../shared (or phantom ones), a prepared copy of AANLIB,
+tiny pairs."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
+
+if TYPE_CHECKING:
+    from tests.workspace import DataSource
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -43,6 +49,16 @@ def published_fusions() -> Path:
 @pytest.fixture(scope="session")
 def published_mirror(published_fusions: Path) -> Path:
     return published_fusions / "ASFE-Fusion"
+
+
+@pytest.fixture(scope="session")
+def data_source(tmp_path_factory: pytest.TempPathFactory, params: dict) -> Iterator[DataSource]:
+    """What the workflow tests download every dataset from: the mirrors in ../shared, or, where
+    they are absent (or MEDFUSE_TEST_NO_MIRROR=1), phantom mirrors served on 127.0.0.1."""
+    from tests.workspace import open_data_source
+
+    with open_data_source(tmp_path_factory.mktemp("phantom-mirrors"), params) as source:
+        yield source
 
 
 @pytest.fixture(scope="session")

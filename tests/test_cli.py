@@ -69,3 +69,15 @@ def test_ctrl_c_is_one_line_and_exit_130_for_every_command(argv, monkeypatch, ca
     monkeypatch.setattr("medfuse.cli._params", interrupted)
     assert main(argv) == 130
     assert capsys.readouterr().err == f"medfuse {argv[0]}: interrupted\n"
+
+
+@pytest.mark.parametrize("command", [["train", "--pair", "CT-MRI"], ["fuse"]])
+def test_precision_option_replaces_amp(command: list[str]) -> None:
+    from medfuse.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args([*command, "--precision", "bfloat16"]).precision == "bfloat16"
+    assert parser.parse_args(command).precision is None  # params.yaml's train.precision
+    for wrong in (["--precision", "float16"], ["--amp"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, *wrong])

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medfuse.cli import main
 from medfuse.config import deep_merge, load_params, method_config
 from medfuse.errors import ConfigError
 
@@ -76,3 +77,178 @@ def test_variants_are_overrides_of_one_method(params):
     assert no_avg["loss"]["avg"] == 0 and no_avg["loss"]["grad"] == full["loss"]["grad"]
     with pytest.raises(ConfigError, match="unknown variant"):
         method_config(params, "wdualmine", "no_such")
+
+
+# ----------------------------------------------------------------- unknown keys, YAML numbers
+
+
+def _load_with(tmp_path: Path, repo_root: Path, overlay_text: str) -> dict:
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text(overlay_text)
+    return load_params(repo_root / "params.yaml", overlays=[overlay])
+
+
+@pytest.mark.parametrize(
+    ("overlay", "message"),
+    [
+        ("trian: {epochs: 1}\n", r": unknown key 'trian' \(did you mean 'train'\?\)$"),
+        (
+            "methods: {wdualmine: {optim: {learning_rate: 0.001}}}\n",
+            r": methods\.wdualmine\.optim: unknown key 'learning_rate' \(did you mean 'lr'\?\)$",
+        ),
+        (
+            "methods: {dwt: {wavlet: db2}}\n",
+            r": methods\.dwt: unknown key 'wavlet' \(did you mean 'wavelet'\?\)$",
+        ),
+        (
+            "methods: {laplacian: {sigm: 1.0}}\n",
+            r": methods\.laplacian: unknown key 'sigm' \(did you mean 'sigma'\?\)$",
+        ),
+        ("methods: {dwtt: {kind: classical}}\n", r": methods: unknown key 'dwtt'"),
+        (
+            "methods: {asfe-fusion: {loss: {ssim_windw: 7}}}\n",
+            r": methods\.asfe-fusion\.loss: unknown key 'ssim_windw'",
+        ),
+        (
+            "methods: {adafuse: {model: {dept: 2}}}\n",
+            r": methods\.adafuse\.model: unknown key 'dept' \(did you mean 'depth'\?\)$",
+        ),
+        (
+            "methods: {published-adafuse: {datset: x}}\n",
+            r": methods\.published-adafuse: unknown key 'datset'",
+        ),
+        (
+            "variants: {wdualmine: {no_gce: {model: {use_gcee: false}}}}\n",
+            r": variants\.wdualmine\.no_gce\.model: unknown key 'use_gcee'",
+        ),
+        (
+            "variants: {wdualmine: {fast: {optim: {epoch: 1}}}}\n",
+            r": variants\.wdualmine\.fast\.optim: unknown key 'epoch' \(did you mean 'epochs'\?\)$",
+        ),
+        ("evaluate: {conventon: paper}\n", r": evaluate: unknown key 'conventon'"),
+        ("report: {figure_sample: 2}\n", r": report: unknown key 'figure_sample'"),
+        ("tracking: {url: x}\n", r": tracking: unknown key 'url' \(did you mean 'uri'\?\)$"),
+        ("data: {download: {retry: 1}}\n", r": data\.download: unknown key 'retry'"),
+        ("train: {augment: {hflp: true}}\n", r": train\.augment: unknown key 'hflp'"),
+    ],
+)
+def test_unknown_key_is_one_line_naming_it_and_the_nearest_known(
+    tmp_path, repo_root, overlay, message
+):
+    with pytest.raises(ConfigError, match=message) as caught:
+        _load_with(tmp_path, repo_root, overlay)
+    assert "\n" not in str(caught.value)
+    assert str(caught.value).startswith(f"{repo_root / 'params.yaml'} + ")  # names the files
+
+
+@pytest.mark.parametrize(
+    ("wavelet", "where", "hint"),
+    [
+        ("db99", "methods.dwt", " (did you mean 'db9'?)"),
+        ("xyzzy", "methods.dwt", ""),
+    ],
+)
+def test_bad_wavelet_name_is_one_line_naming_the_key(tmp_path, repo_root, wavelet, where, hint):
+    with pytest.raises(ConfigError) as caught:
+        _load_with(tmp_path, repo_root, f"methods: {{dwt: {{wavelet: {wavelet}}}}}\n")
+    message = str(caught.value)
+    assert message.endswith(
+        f'{where}.wavelet: unknown wavelet {wavelet!r}{hint}; known: pywt.wavelist(kind="discrete")'
+    )
+    assert "\n" not in message
+
+
+def test_a_variant_is_checked_against_its_own_method(tmp_path, repo_root):
+    with pytest.raises(ConfigError, match=r"variants\.dwt\.lo\.wavelet: unknown wavelet 'hear'"):
+        _load_with(tmp_path, repo_root, "variants: {dwt: {lo: {wavelet: hear}}}\n")
+    # A W-DUALMINE model key is not a key of the peers' models.
+    with pytest.raises(ConfigError, match=r"variants\.adafuse\.x\.model: unknown key 'use_gce'"):
+        _load_with(tmp_path, repo_root, "variants: {adafuse: {x: {model: {use_gce: false}}}}\n")
+    params = _load_with(tmp_path, repo_root, "variants: {dwt: {haar: {wavelet: haar}}}\n")
+    assert method_config(params, "dwt", "haar")["wavelet"] == "haar"
+
+
+def test_more_published_images_are_accepted(tmp_path, repo_root):
+    params = _load_with(
+        tmp_path, repo_root, "methods: {published-mine: {kind: published, dataset: mine}}\n"
+    )
+    assert params["methods"]["published-mine"]["dataset"] == "mine"
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("1e-3", 0.001), ("1E-3", 0.001), ("5e+2", 500.0), ("2e4", 20000.0), ("+1.5e-3", 0.0015)],
+)
+def test_exponent_without_a_dot_is_a_number(tmp_path, repo_root, text, value):
+    params = _load_with(tmp_path, repo_root, f"methods: {{wdualmine: {{optim: {{lr: {text}}}}}}}\n")
+    lr = params["methods"]["wdualmine"]["optim"]["lr"]
+    assert isinstance(lr, float) and lr == pytest.approx(value)
+
+
+def test_yaml_numbers_and_strings_otherwise_as_before(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("a: 1.0e-5\nb: 3\nc: db2\nd: 1e\ne: e5\nf: '1e-3'\ng: 0.5\nh: -2e-3\n")
+    from medfuse.config import _read_yaml
+
+    assert _read_yaml(path) == {
+        "a": 1e-5, "b": 3, "c": "db2", "d": "1e", "e": "e5", "f": "1e-3", "g": 0.5, "h": -0.002
+    }  # fmt: skip
+
+
+def test_every_profile_overlay_is_valid(repo_root):
+    """params.yaml merged with each profile's overlay in workflow/profiles passes the schema."""
+    overlays = (repo_root / "workflow" / "profiles").glob("*/params.yaml")
+    profiles = sorted(p.parent.name for p in overlays)
+    assert {"paper", "quick", "slurm"} <= set(profiles)
+    for profile in profiles:
+        assert load_params(repo_root / "params.yaml", profile=profile)["profile"] == profile
+
+
+def test_schema_lists_exactly_the_settings_the_code_reads():
+    """The schema's per-method keys are the config dataclasses' fields and the classical
+    classes' keyword arguments: a new setting in the code must be added to the schema."""
+    import dataclasses
+    import inspect
+
+    from medfuse.config import SCHEMA_PATH
+    from medfuse.data.dataset import Augment
+    from medfuse.losses import LossWeights
+    from medfuse.methods.adafuse import AdaFuseConfig
+    from medfuse.methods.asfe_fusion import ASFEConfig, LossConfig
+    from medfuse.methods.classical import DWTFusion, LaplacianFusion
+    from medfuse.methods.wdualmine import WDualmineConfig
+
+    defs = yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]
+
+    def keys(schema: dict) -> set[str]:
+        return set(schema["properties"])
+
+    def fields(cls: type) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def kwargs(cls: type) -> set[str]:
+        return set(inspect.signature(cls.__init__).parameters) - {"self"}
+
+    assert keys(defs["wdualmine"]["properties"]["model"]) == fields(WDualmineConfig)
+    assert keys(defs["wdualmine"]["properties"]["loss"]) == fields(LossWeights)
+    assert keys(defs["asfe-fusion"]["properties"]["model"]) == fields(ASFEConfig)
+    assert keys(defs["adafuse"]["properties"]["model"]) == fields(AdaFuseConfig)
+    assert keys(defs["peer-loss"]) == fields(LossConfig)
+    assert keys(defs["dwt"]) - {"kind"} == kwargs(DWTFusion)
+    assert keys(defs["laplacian"]) - {"kind"} == kwargs(LaplacianFusion)
+    train = yaml.safe_load(SCHEMA_PATH.read_text())["properties"]["train"]
+    assert keys(train["properties"]["augment"]) == fields(Augment)
+
+
+def test_cli_bad_overlay_is_one_line_and_exit_2(tmp_path, repo_root, capsys):
+    overlay = tmp_path / "bad.yaml"
+    overlay.write_text("methods: {wdualmine: {optim: {learning_rate: 0.001}}}\n")
+    params = str(repo_root / "params.yaml")
+    code = main(["train", "--pair", "CT-MRI", "--params", params, "--overlay", str(overlay)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.strip().count("\n") == 0, err
+    assert err.startswith(f"medfuse train: error: {params} + ")
+    assert err.strip().endswith(
+        "methods.wdualmine.optim: unknown key 'learning_rate' (did you mean 'lr'?)"
+    )

@@ -2,8 +2,9 @@
 they come from (base_url, a mirror) or how (data.download) must rerun nothing, in either tool;
 changing the manifest must rerun the download.
 
-Each tool downloads the small published-asfe-fusion dataset (72 files) from the local mirror in
-its own throw-away copy of the repository, then plans again with another source and settings.
+Each tool downloads the small published-asfe-fusion dataset (72 files; a few phantom images where
+../shared is absent) from the local mirror in its own throw-away copy of the repository, then
+plans again with another source and settings.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.workspace import copy_repo, mirror_env, set_param
+from medfuse.config import deep_merge
+from medfuse.data.download import dataset_dir, download_dataset, read_manifest
+from medfuse.data.prepare import prepare_from_params
+from medfuse.data.prepared import PreparedData
+from tests.phantoms import published_datasets, write_phantom_mirrors
+from tests.workspace import DataSource, copy_repo, mirror_env, phantom_mirrors, set_param
 
 DATASET = "published-asfe-fusion"
 TARGET = f"data/raw/{DATASET}"
@@ -65,18 +71,24 @@ def _dvc_changed(repo: Path, env: dict[str, str]) -> dict:
 
 
 @pytest.fixture
-def workspace(tmp_path: Path, repo_root: Path, published_mirror: Path) -> tuple[Path, dict]:
+def workspace(tmp_path: Path, repo_root: Path, data_source: DataSource) -> tuple[Path, dict]:
     repo = copy_repo(repo_root, tmp_path / "repo")
-    return repo, {**mirror_env(repo), "DVC_NO_ANALYTICS": "1"}
+    return repo, {**mirror_env(repo, data_source), "DVC_NO_ANALYTICS": "1"}
+
+
+def _downloaded_all(repo: Path) -> bool:
+    """Every file of the copy's manifest (72 real images, or the phantoms) is in place."""
+    files = list((repo / TARGET).rglob("*.png"))
+    return len(files) == len(read_manifest(repo / MANIFEST)) > 0
 
 
 @pytest.mark.workflow
-def test_snakemake_reruns_nothing_for_another_source(workspace, published_mirror):
+def test_snakemake_reruns_nothing_for_another_source(workspace, data_source: DataSource):
     repo, env = workspace
     _run(["snakemake", "--cores", "1", TARGET], repo, env)
-    assert len(list((repo / TARGET).rglob("*.png"))) == 72
+    assert _downloaded_all(repo)
 
-    env = _switch_source(repo, env, published_mirror)
+    env = _switch_source(repo, env, data_source.folders[DATASET])
     dry = ["snakemake", "-n", "--cores", "1", TARGET]
     for extra in ([], ALL_TRIGGERS):
         assert _planned_jobs(_run(dry + extra, repo, env)) == {}, extra
@@ -86,12 +98,12 @@ def test_snakemake_reruns_nothing_for_another_source(workspace, published_mirror
 
 
 @pytest.mark.workflow
-def test_dvc_reruns_nothing_for_another_source(workspace, published_mirror):
+def test_dvc_reruns_nothing_for_another_source(workspace, data_source: DataSource):
     repo, env = workspace
     _run(["dvc", "repro", STAGE], repo, env)
-    assert len(list((repo / TARGET).rglob("*.png"))) == 72
+    assert _downloaded_all(repo)
 
-    env = _switch_source(repo, env, published_mirror)
+    env = _switch_source(repo, env, data_source.folders[DATASET])
     assert _dvc_changed(repo, env) == {}
     assert "didn't change, skipping" in _run(["dvc", "repro", STAGE], repo, env)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"][STAGE]
@@ -118,3 +130,25 @@ def test_no_dvc_stage_tracks_the_data_source(repo_root: Path):
                 assert key != "data" and not key.startswith(("data.datasets", "data.download")), (
                     f"dvc.yaml: stage {name} tracks {key}"
                 )
+
+
+def test_phantom_mirrors_download_over_http_and_prepare(tmp_path, params, monkeypatch):
+    """The source of the workflow tests where ../shared is absent: over HTTP, every phantom file
+    passes the download's checks and `prepare`'s validation, each published peer has every test
+    pair, and the same seed writes the same files."""
+    monkeypatch.chdir(tmp_path)  # params.yaml's relative data paths land here
+    with phantom_mirrors(tmp_path / "mirror", params) as source:
+        for name, manifest in source.manifests.items():
+            spec = {"manifest": str(manifest), "base_url": source.base_urls[name]}
+            one = deep_merge(params, {"data": {"datasets": {name: spec}}})
+            assert download_dataset(one, name, progress=False).fetched > 0
+    prepare_from_params(params)
+    prepared = PreparedData(params["data"]["prepare"]["out_dir"])
+    for pair in params["data"]["prepare"]["pairs"]:
+        for name in prepared.rows(pair, "test")["name"]:
+            for dataset in published_datasets(params):
+                assert (dataset_dir(params, dataset) / pair / f"{name}.png").is_file()
+    again = write_phantom_mirrors(tmp_path / "again", params)
+    assert {d: m.read_bytes() for d, m in again.items()} == {
+        d: m.read_bytes() for d, m in source.manifests.items()
+    }

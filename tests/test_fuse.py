@@ -12,7 +12,7 @@ from medfuse.config import deep_merge, load_params, method_config, validate
 from medfuse.data.colour import luma_uint8, recolour
 from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
-from medfuse.fuse import fuse_files, fuse_from_args, fuse_test_split
+from medfuse.fuse import fuse_files, fuse_from_args, fuse_test_split, load_fuser
 from medfuse.io import read_image, write_image
 from medfuse.methods.registry import method_names
 from medfuse.train import build_learned, save_weights
@@ -239,7 +239,6 @@ def test_a_training_checkpoint_can_be_used_as_weights(
     trainer = {
         "model": net,
         "optimiser": torch.optim.Adam(net.parameters()),
-        "scaler": None,
         "generator": torch.Generator(),
     }
     key = _resume_key("wdualmine", "CT-MRI", "no_we", config)
@@ -255,3 +254,48 @@ def test_a_training_checkpoint_can_be_used_as_weights(
         model_path=tmp_path / "checkpoint.pt",
     )
     assert read_image(out, mode="L").shape == (32, 32)
+
+
+def test_learned_fusion_runs_in_the_configured_precision(
+    fuse_params: dict, tmp_path: Path, make_pair
+) -> None:
+    weights = untrained_weights(fuse_params, "wdualmine", "CT-MRI", tmp_path / "m")
+    a, b = (x / 255.0 for x in make_pair(32, 3))
+    fused = {}
+    for precision, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        params = deep_merge(fuse_params, {"train": {"precision": precision}})
+        fuser = load_fuser(params, "wdualmine", model_path=weights)
+        assert fuser.precision == precision
+        seen: list[torch.dtype] = []
+        first_conv = fuser.net.encoder.stages[0][0].conv1
+        hook = first_conv.register_forward_hook(lambda m, i, out, seen=seen: seen.append(out.dtype))
+        fused[precision] = fuser.fuse(a, b)
+        hook.remove()
+        assert seen == [dtype]  # the network ran in that precision
+        assert fused[precision].dtype == np.float64
+        assert fused[precision].min() >= 0.0 and fused[precision].max() <= 1.0
+        assert all(p.dtype == torch.float32 for p in fuser.net.parameters())
+    assert np.abs(fused["float32"] - fused["bfloat16"]).max() < 0.02
+    bf16_params = deep_merge(fuse_params, {"train": {"precision": "bfloat16"}})
+    overridden = load_fuser(bf16_params, "wdualmine", model_path=weights, precision="float32")
+    assert overridden.precision == "float32"  # --precision wins over train.precision
+
+
+def test_fuse_logs_its_precision(fuse_params: dict, tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from medfuse.tracking import tracking_uri
+
+    weights = untrained_weights(fuse_params, "wdualmine", "CT-MRI", tmp_path / "m")
+    fuse_test_split(
+        fuse_params,
+        "wdualmine",
+        "CT-MRI",
+        out=tmp_path / "fused",
+        model_path=weights,
+        precision="bfloat16",
+    )
+    client = MlflowClient(tracking_uri(fuse_params))
+    (run,) = client.search_runs([client.get_experiment_by_name("CT-MRI").experiment_id])
+    assert run.data.params["precision"] == "bfloat16"
+    assert run.data.tags["precision"] == "bfloat16"

@@ -110,6 +110,20 @@ def test_mixed_precision_runs_with_the_loss_in_float32(name: str, make_pair) -> 
         loss, _ = net.training_loss(a, b)
     assert loss.dtype == torch.float32 and math.isfinite(loss.item())
     loss.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in net.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_bfloat16_fusion_is_a_float32_image_near_the_float32_one(name: str, make_pair) -> None:
+    net = tiny_net(name).eval()
+    a, b = batch(make_pair)
+    with torch.no_grad():
+        want = net(a, b)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = net(a, b)
+    assert got.dtype == torch.float32  # stretched in float32, not in bfloat16's 8 bits
+    assert got.min() >= 0.0 and got.max() <= 1.0
+    assert (got - want).abs().mean() < 0.05
 
 
 # ----------------------------------------------------------------------------- the loss

@@ -15,12 +15,14 @@ from medfuse.data.dataset import Augment, PairDataset, augment_pair
 from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
 from medfuse.methods.wdualmine import WDualmine
+from medfuse.precision import resolve_precision
 from medfuse.train import (
     CHECKPOINT,
     META,
     WEIGHTS,
     load_checkpoint,
     resolve_device,
+    resolve_settings,
     save_checkpoint,
     train_from_params,
 )
@@ -180,9 +182,11 @@ def test_train_writes_weights_and_logs_to_mlflow(tiny_params: dict, tmp_path: Pa
     assert len(samples) == 1 and samples[0].path.endswith(".png")
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(
-    tiny_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
+    tiny_params = deep_merge(tiny_params, {"train": {"precision": precision}})
     straight = train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "a", epochs=3)
 
     # 3 train pairs, batch 2: 2 steps per epoch. Die in the middle of epoch 3.
@@ -310,3 +314,108 @@ def test_tracking_uri(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         "a.c": "[1, 2]",
         "d": "{}",
     }
+
+
+# ---- precision ----
+
+
+def float_tensors(tree: object) -> list[torch.Tensor]:
+    """Every floating-point tensor in a nested checkpoint (dicts, lists, tuples)."""
+    if isinstance(tree, torch.Tensor):
+        return [tree] if tree.is_floating_point() else []
+    if isinstance(tree, dict):
+        return [t for value in tree.values() for t in float_tensors(value)]
+    if isinstance(tree, list | tuple):
+        return [t for value in tree for t in float_tensors(value)]
+    return []
+
+
+def test_precision_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    import medfuse.precision as precision
+
+    assert resolve_precision("float32", "cpu") == "float32"
+    assert resolve_precision("bfloat16", "cpu") == "bfloat16"  # asked for: honoured anywhere
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bfloat16"
+    assert resolve_precision(None, "cpu") == "bfloat16"  # unset = auto
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_precision("auto", "cpu") == "float32"
+    with pytest.raises(ConfigError, match=r"^train\.precision: unknown value 'float16'; use ") as e:
+        resolve_precision("float16", "cpu")
+    assert "\n" not in str(e.value)
+
+
+def test_cpu_fast_bf16_means_amx() -> None:
+    from medfuse.precision import cpu_has_fast_bf16
+
+    assert cpu_has_fast_bf16() is bool(torch.cpu.get_capabilities().get("amx_bf16", False))
+
+
+def test_precision_setting_and_its_override(tiny_params: dict) -> None:
+    config = tiny_params["methods"]["wdualmine"]
+    params = deep_merge(tiny_params, {"train": {"precision": "bfloat16"}})
+    assert resolve_settings(params, config).precision == "bfloat16"
+    assert resolve_settings(params, config, precision="float32").precision == "float32"
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        validate(deep_merge(tiny_params, {"train": {"precision": "half"}}))
+
+
+def test_bfloat16_training_keeps_float32_weights_and_records_the_precision(
+    tiny_params: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "model"
+    weights = train_from_params(
+        tiny_params, pair="CT-MRI", out_dir=out, epochs=1, precision="bfloat16"
+    )
+    assert json.loads((out / META).read_text())["precision"] == "bfloat16"
+    for path in (weights, out / CHECKPOINT):
+        tensors = float_tensors(load_checkpoint(path))
+        assert tensors and {t.dtype for t in tensors} == {torch.float32}, path.name
+    assert load_checkpoint(out / CHECKPOINT)["precision"] == "bfloat16"
+    history = (out / "history.csv").read_text().splitlines()
+    assert len(history) == 2 and "nan" not in history[1]
+    (run,) = client_for(tiny_params).search_runs(
+        [client_for(tiny_params).get_experiment_by_name("CT-MRI").experiment_id]
+    )
+    assert run.data.params["run.precision"] == "bfloat16"
+    assert run.data.tags["precision"] == "bfloat16"
+
+
+def test_resume_refuses_a_checkpoint_of_another_precision(
+    tiny_params: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "model"
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=1, precision="float32")
+    with pytest.raises(
+        ConfigError, match="precision='float32', not 'bfloat16'; --precision float32"
+    ):
+        train_from_params(
+            tiny_params, pair="CT-MRI", out_dir=out, epochs=2, resume=True, precision="bfloat16"
+        )
+
+
+def test_checkpoints_from_before_the_precision_setting_resume_as_float32(tmp_path: Path) -> None:
+    from medfuse.train import _check_resumable, _resume_key
+
+    config = {"model": {"widths": [4, 8, 8, 8]}}
+    old = _resume_key("wdualmine", "CT-MRI", "full", config)
+    del old["precision"]  # written before train.precision existed: always float32
+    _check_resumable(old, _resume_key("wdualmine", "CT-MRI", "full", config, "float32"), tmp_path)
+    with pytest.raises(ConfigError, match="precision='float32', not 'bfloat16'"):
+        _check_resumable(
+            old, _resume_key("wdualmine", "CT-MRI", "full", config, "bfloat16"), tmp_path
+        )
+
+
+def test_a_seeded_variant_trains_the_full_model_with_its_own_seed(
+    tiny_params: dict, tmp_path: Path
+) -> None:
+    seeded = train_from_params(
+        tiny_params, pair="CT-MRI", variant="full_seed7", out_dir=tmp_path / "s"
+    )
+    full = train_from_params(tiny_params, pair="CT-MRI", variant="full", out_dir=tmp_path / "f")
+    meta = json.loads((tmp_path / "s" / META).read_text())
+    assert meta["seed"] == 7 and meta["variant"] == "full_seed7"
+    assert meta["config"] == json.loads((tmp_path / "f" / META).read_text())["config"]
+    a, b = load_checkpoint(seeded), load_checkpoint(full)
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # another seed, other weights

@@ -68,26 +68,32 @@ def _covered(snake: set[str], dvc: set[str]) -> bool:
     )
 
 
+# The forms of the job list a user can switch to in params.yaml, beside the paper protocol.
+FORMS = {
+    "paper protocol": {},
+    "peers retrained": {("experiments", "retrained_peers"): ["asfe-fusion", "adafuse"]},
+    "two extra seeds": {("experiments", "extra_seeds"): [1, 2]},
+}
+
+
 @pytest.fixture(scope="module")
-def peers_retrained_repo(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the repository with the opt-in switch on: the peers retrained here too."""
-    repo = copy_repo(repo_root, tmp_path_factory.mktemp("retrained-peers"))
-    set_param(repo, ["experiments", "retrained_peers"], ["asfe-fusion", "adafuse"])
-    return repo
+def form_repos(repo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The repository itself for the paper protocol, an edited copy for each other form."""
+    repos = {}
+    for form, edits in FORMS.items():
+        if not edits:
+            repos[form] = repo_root
+            continue
+        repos[form] = copy_repo(repo_root, tmp_path_factory.mktemp(form.replace(" ", "-")))
+        for keys, value in edits.items():
+            set_param(repos[form], list(keys), value)
+    return repos
 
 
-def _repo(form: str, repo_root: Path, request: pytest.FixtureRequest) -> Path:
-    return (
-        repo_root if form == "paper protocol" else request.getfixturevalue("peers_retrained_repo")
-    )
-
-
-@pytest.mark.parametrize("form", ["paper protocol", "peers retrained"])
+@pytest.mark.parametrize("form", list(FORMS))
 @pytest.mark.parametrize("profile", ["paper", "quick"])
-def test_snakemake_and_dvc_run_the_same_steps(
-    repo_root: Path, profile: str, form: str, request: pytest.FixtureRequest
-):
-    repo = _repo(form, repo_root, request)
+def test_snakemake_and_dvc_run_the_same_steps(form_repos: dict[str, Path], profile: str, form: str):
+    repo = form_repos[form]
     snake = snakemake_jobs(repo, profile)
     dvc = dvc_stages(repo)
     assert len(snake) == len(dvc), (len(snake), len(dvc))
@@ -99,9 +105,14 @@ def test_snakemake_and_dvc_run_the_same_steps(
     assert not unmatched, unmatched[:3]
 
 
-def _trained_methods(repo: Path) -> set[str]:
+def _trained(repo: Path) -> set[tuple[str, str, str]]:
+    """(method, pair, variant) of every planned training."""
     jobs = snakemake_jobs(repo, "paper")
-    return {next(iter(outs)).split("/")[2] for rule, _, outs in jobs if rule == "train"}
+    return {tuple(next(iter(outs)).split("/")[2:5]) for rule, _, outs in jobs if rule == "train"}
+
+
+def _trained_methods(repo: Path) -> set[str]:
+    return {method for method, _, _ in _trained(repo)}
 
 
 def test_the_paper_protocol_trains_only_w_dualmine_and_scores_the_published_peers(
@@ -118,5 +129,11 @@ def test_the_paper_protocol_trains_only_w_dualmine_and_scores_the_published_peer
     assert not fused & {"asfe-fusion", "adafuse"}
 
 
-def test_retraining_the_peers_is_one_switch(peers_retrained_repo: Path):
-    assert _trained_methods(peers_retrained_repo) == {"wdualmine", "asfe-fusion", "adafuse"}
+def test_retraining_the_peers_is_one_switch(form_repos: dict[str, Path]):
+    trained = _trained_methods(form_repos["peers retrained"])
+    assert trained == {"wdualmine", "asfe-fusion", "adafuse"}
+
+
+def test_extra_seeds_expand_the_full_model_on_the_seed_pairs(form_repos: dict[str, Path]):
+    added = _trained(form_repos["two extra seeds"]) - _trained(form_repos["paper protocol"])
+    assert added == {("wdualmine", "CT-MRI", "full_seed1"), ("wdualmine", "CT-MRI", "full_seed2")}

@@ -1,7 +1,9 @@
 """The quick profile end to end, with both workflow tools, in a fresh copy of the repository.
 
 Each tool runs the whole DAG (download from the mirror, prepare, train, fuse, evaluate, report),
-then runs again and must do nothing. DVC must then rerun only what a params edit touches.
+then runs again and must do nothing. DVC must then rerun only what a params edit touches. Without
+the mirror in ../shared (or with MEDFUSE_TEST_NO_MIRROR=1) the data are phantom pairs served over
+HTTP (tests/phantoms.py), so the whole workflow runs on any machine.
 Slow (minutes): deselect with `-m "not workflow"` while iterating.
 """
 
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.workspace import SHARED, copy_repo, mirror_env, set_param
+from tests.workspace import DataSource, copy_repo, mirror_env, set_param
 
 pytestmark = pytest.mark.workflow
 
@@ -47,24 +49,22 @@ def _assert_outputs(repo: Path) -> None:
 
 @pytest.fixture(scope="module")
 def quick_repo(tmp_path_factory, repo_root) -> Path:
-    if not (SHARED / "aanlib").is_dir():
-        pytest.skip("data mirror not available")
     return copy_repo(repo_root, tmp_path_factory.mktemp("snakemake"))
 
 
-def test_snakemake_quick_profile_end_to_end(quick_repo: Path):
-    env = mirror_env(quick_repo)
+def test_snakemake_quick_profile_end_to_end(quick_repo: Path, data_source: DataSource):
+    env = mirror_env(quick_repo, data_source)
     _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
     _assert_outputs(quick_repo)
     out, _ = _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
     assert "Nothing to be done" in out
 
 
-def test_dvc_quick_profile_end_to_end_and_selective_rerun(tmp_path_factory, repo_root):
-    if not (SHARED / "aanlib").is_dir():
-        pytest.skip("data mirror not available")
+def test_dvc_quick_profile_end_to_end_and_selective_rerun(
+    tmp_path_factory, repo_root, data_source: DataSource
+):
     repo = copy_repo(repo_root, tmp_path_factory.mktemp("dvc"))
-    env = mirror_env(repo)
+    env = mirror_env(repo, data_source)
     set_param(repo, ["profile"], "quick")
     _run(["dvc", "repro"], repo, env)
     _assert_outputs(repo)

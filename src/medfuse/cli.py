@@ -21,9 +21,12 @@ PAIRS = ["CT-MRI", "PET-MRI", "SPECT-MRI"]
 
 
 def _params(args: argparse.Namespace) -> dict[str, Any]:
-    from medfuse.config import load_params
+    """The command's params: --params, else ./params.yaml (else the package's defaults, for a
+    command that sets `packaged_params`), then the profile and the overlays."""
+    from medfuse.config import load_params, params_file
 
-    return load_params(args.params, args.overlay, args.profile)
+    path = params_file(args.params, getattr(args, "packaged_params", False))
+    return load_params(path, args.overlay, args.profile)
 
 
 def _cmd_download(args: argparse.Namespace) -> None:
@@ -51,7 +54,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume,
         device=args.device,
         epochs=args.epochs,
-        amp=args.amp,
+        precision=args.precision,
     )
 
 
@@ -99,7 +102,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         help="paper | quick | ... (default: params.yaml's `profile`, or $MEDFUSE_PROFILE)",
     )
     parser.add_argument(
-        "--params", default="params.yaml", type=Path, help="parameter file (default: params.yaml)"
+        "--params", default=None, type=Path, help="parameter file (default: ./params.yaml)"
     )
     parser.add_argument(
         "--overlay",
@@ -107,6 +110,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
         default=[],
         type=Path,
         help="overlay merged on top (repeatable), e.g. workflow/profiles/quick/params.yaml",
+    )
+
+
+def _add_precision(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16"],
+        default=None,
+        help="learned methods: float32, bfloat16 autocast, or auto = bfloat16 where the device "
+        "has fast bfloat16 (overrides params.yaml's train.precision)",
     )
 
 
@@ -151,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (overrides params.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="override the epoch count")
-    p.add_argument("--amp", action="store_true", default=None, help="mixed precision (CUDA)")
+    _add_precision(p)
     p.set_defaults(handler=_cmd_train)
 
     p = sub.add_parser("fuse", help="fuse a pair's test split, or two given registered images")
@@ -163,7 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pair", choices=PAIRS, default=None, help="fuse this pair's test split")
     p.add_argument("-o", "--out", type=Path, default=None, help="output file or directory")
     p.add_argument("--device", default=None)
-    p.set_defaults(handler=_cmd_fuse)
+    _add_precision(p)
+    # Fusing two given images needs no project: with no params.yaml the defaults are the package's.
+    p.set_defaults(handler=_cmd_fuse, packaged_params=True)
 
     p = sub.add_parser("evaluate", help="score a folder of fused images against their sources")
     _add_common(p)

@@ -7,8 +7,11 @@ with the key that is wrong.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import re
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +25,14 @@ DEFAULT_PARAMS = Path("params.yaml")
 OVERLAY_ENV = "MEDFUSE_PARAMS_OVERLAY"
 # A profile name from the environment wins over params.yaml's `profile` key.
 PROFILE_ENV = "MEDFUSE_PROFILE"
-WORKFLOW_DIR = Path(__file__).resolve().parents[2] / "workflow"
-SCHEMA_PATH = WORKFLOW_DIR / "schemas" / "params.schema.yaml"
+# The package's default project, laid out as the repository: params.yaml and workflow/'s schema
+# and profile overlays (links to the repository's files in a source tree, copies in a wheel).
+PACKAGED_PROJECT = Path(__file__).with_name("default_project")
+PACKAGED_PARAMS = PACKAGED_PROJECT / DEFAULT_PARAMS
+# A profile's overlay inside a project: <project>/workflow/profiles/<name>/params.yaml.
+PROFILES_DIR = Path("workflow") / "profiles"
+# The schema is the code's own contract with params.yaml, so it always comes with the package.
+SCHEMA_PATH = PACKAGED_PROJECT / "workflow" / "schemas" / "params.schema.yaml"
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,11 +46,23 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return merged
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that `1e-3` is a float, as in YAML 1.2 (and DVC, which reads
+    params.yaml too); YAML 1.1 reads it as a string unless written `1.0e-3`."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: parameter file not found")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({exc})") from exc
     if not isinstance(loaded, dict):
@@ -49,14 +70,81 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+@cache
+def _validator() -> jsonschema.Draft202012Validator:
+    schema = yaml.load(SCHEMA_PATH.read_text(encoding="utf-8"), Loader=_Loader)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _initials(key: str) -> str:
+    return "".join(part[:1] for part in key.split("_"))
+
+
+def _nearest(word: str, known: Sequence[str]) -> str | None:
+    """The known key `word` most likely meant: spelt alike, or one is the other's initials
+    (`learning_rate` for `lr`, `wd` for `weight_decay`)."""
+    for key in known:
+        if (len(key) > 1 and key == _initials(word)) or (len(word) > 1 and word == _initials(key)):
+            return key
+    close = difflib.get_close_matches(word, known, n=1)
+    return close[0] if close else None
+
+
+def _did_you_mean(word: str, known: Sequence[str]) -> str:
+    nearest = _nearest(word, known)
+    return f" (did you mean {nearest!r}?)" if nearest else f" (known: {', '.join(known)})"
+
+
+def _unknown_keys(error: jsonschema.ValidationError) -> str | None:
+    """`unknown key 'x' (did you mean 'y'?)` for an additionalProperties: false error, else None."""
+    if error.validator != "additionalProperties" or error.validator_value is not False:
+        return None
+    known = list(error.schema.get("properties", {}))
+    patterns = list(error.schema.get("patternProperties", {}))
+    unknown = [
+        str(key)
+        for key in error.instance
+        if key not in known and not any(re.search(p, str(key)) for p in patterns)
+    ]
+    return "; ".join(f"unknown key {key!r}{_did_you_mean(key, known)}" for key in unknown)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in error.path)
+    unknown = _unknown_keys(error)
+    if unknown:
+        return f"{where}: {unknown}" if where else unknown
+    return f"{where or '<top level>'}: {error.message}"
+
+
+def _check_wavelets(params: Mapping[str, Any], source: str) -> None:
+    """The DWT's wavelet (and its variants') must be one PyWavelets knows: fail here, in one
+    line, rather than with a traceback when the first image is fused."""
+    sections = {"methods.dwt": params.get("methods", {}).get("dwt", {})}
+    for variant, override in params.get("variants", {}).get("dwt", {}).items():
+        sections[f"variants.dwt.{variant}"] = override
+    named = {where: s["wavelet"] for where, s in sections.items() if "wavelet" in s}
+    if not named:
+        return
+    import pywt  # only when a wavelet is named: keeps loading params.yaml light
+
+    known = pywt.wavelist(kind="discrete")
+    for where, name in named.items():
+        if name not in known:
+            nearest = _nearest(str(name), known)
+            hint = f" (did you mean {nearest!r}?)" if nearest else ""
+            raise ConfigError(
+                f"{source}: {where}.wavelet: unknown wavelet {name!r}{hint}; "
+                'known: pywt.wavelist(kind="discrete")'
+            )
+
+
 def validate(params: Mapping[str, Any], source: str = "params") -> None:
-    schema = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
-    validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(params), key=lambda e: list(e.path))
+    """Check `params` against the schema; raise one line naming the first wrong key."""
+    errors = sorted(_validator().iter_errors(params), key=lambda e: [str(p) for p in e.path])
     if errors:
-        first = errors[0]
-        where = ".".join(str(p) for p in first.path) or "<top level>"
-        raise ConfigError(f"{source}: {where}: {first.message}")
+        raise ConfigError(f"{source}: {_describe(errors[0])}")
+    _check_wavelets(params, source)
 
 
 def overlays_from_env() -> list[Path]:
@@ -64,13 +152,27 @@ def overlays_from_env() -> list[Path]:
     return [Path(p) for p in raw.split(os.pathsep) if p]
 
 
-def profile_overlay(profile: str) -> Path:
-    """The overlay file of a named profile (workflow/profiles/<name>/params.yaml)."""
-    path = WORKFLOW_DIR / "profiles" / profile / "params.yaml"
-    if not path.is_file():
-        known = sorted(p.parent.name for p in (WORKFLOW_DIR / "profiles").glob("*/params.yaml"))
-        raise ConfigError(f"unknown profile {profile!r} ({path} not found); known: {known}")
-    return path
+def profile_overlay(profile: str, project: Path = Path(".")) -> Path:
+    """The overlay of a named profile: the project's workflow/profiles/<name>/params.yaml, else
+    the package's own (a project with no workflow/ folder, e.g. beside an installed wheel)."""
+    roots = (project, PACKAGED_PROJECT)
+    for root in roots:
+        path = root / PROFILES_DIR / profile / "params.yaml"
+        if path.is_file():
+            return path
+    known = sorted({p.parent.name for r in roots for p in (r / PROFILES_DIR).glob("*/params.yaml")})
+    missing = project / PROFILES_DIR / profile / "params.yaml"
+    raise ConfigError(f"unknown profile {profile!r} ({missing} not found); known: {known}")
+
+
+def params_file(path: str | Path | None, packaged_fallback: bool = False) -> Path:
+    """`path`, else ./params.yaml; with `packaged_fallback`, the package's defaults when there
+    is no ./params.yaml (for commands that need no project, e.g. fusing two given images)."""
+    if path is not None:
+        return Path(path)
+    if packaged_fallback and not DEFAULT_PARAMS.is_file():
+        return PACKAGED_PARAMS
+    return DEFAULT_PARAMS
 
 
 def load_params(
@@ -81,13 +183,14 @@ def load_params(
     """Load `path`, then merge in order: the profile's overlay, `overlays`, $MEDFUSE_PARAMS_OVERLAY.
 
     The profile is `profile`, else $MEDFUSE_PROFILE, else params.yaml's `profile` key; the
-    merged result records the profile actually used.
+    merged result records the profile actually used. The project root, where the profiles'
+    overlays are looked up first, is the folder of `path`.
     """
     path = Path(path)
     params = _read_yaml(path)
     profile = profile or os.environ.get(PROFILE_ENV) or params.get("profile", "paper")
     params["profile"] = profile
-    overlay_paths = [profile_overlay(profile)]
+    overlay_paths = [profile_overlay(profile, path.parent)]
     overlay_paths += [Path(p) for p in (overlays or [])] + overlays_from_env()
     for overlay in overlay_paths:
         params = deep_merge(params, _read_yaml(overlay))
@@ -101,9 +204,32 @@ def canonical_method(name: str) -> str:
     return name.replace(":", "-")
 
 
+# A variant trained with another seed than `seed`: <variant>_seed<N> (experiments.extra_seeds).
+SEEDED_VARIANT = re.compile(r"^(?P<variant>[A-Za-z0-9_]+?)_seed(?P<seed>[0-9]+)$")
+
+
+def seeded_variant(variant: str, seed: int) -> str:
+    """The variant name (and results folder) of `variant` trained with `seed`."""
+    return f"{variant}_seed{seed}"
+
+
+def split_seed(variant: str) -> tuple[str, int | None]:
+    """`full_seed7` -> ("full", 7); a plain variant -> (variant, None)."""
+    match = SEEDED_VARIANT.match(variant)
+    return (match["variant"], int(match["seed"])) if match else (variant, None)
+
+
+def job_params(params: Mapping[str, Any], variant: str) -> dict[str, Any]:
+    """The params a job of `variant` runs with: a seeded variant sets its own training seed."""
+    seed = split_seed(variant)[1]
+    return dict(params) if seed is None else {**params, "seed": seed}
+
+
 def method_config(params: Mapping[str, Any], method: str, variant: str = "full") -> dict[str, Any]:
-    """A method's settings with a variant's overrides merged in (ablations are configuration)."""
+    """A method's settings with a variant's overrides merged in (ablations are configuration;
+    a seeded variant has the settings of the variant it repeats)."""
     method = canonical_method(method)
+    variant = split_seed(variant)[0]
     methods = params["methods"]
     if method not in methods:
         raise ConfigError(f"unknown method {method!r}; known: {', '.join(sorted(methods))}")

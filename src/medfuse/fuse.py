@@ -8,7 +8,8 @@ Two uses:
   B the MRI); an RGB A is fused through its luma and recoloured.
 
 Classical methods build a `Fuser`; learned ones load their trained weights into the network the
-registry builds; `published` methods copy the authors' released image for each test pair.
+registry builds and run it in `train.precision` (or `--precision`); `published` methods copy the
+authors' released image for each test pair.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from medfuse.io import atomic_path, read_image, to_uint8, write_image
 from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import Fuser
 from medfuse.methods.registry import build_method
+from medfuse.precision import resolve_precision
 from medfuse.train import (
     META,
     WEIGHTS,
@@ -51,15 +53,17 @@ def default_fused_dir(method: str, pair: str, variant: str) -> Path:
 
 
 class NetFuser:
-    """A trained `FusionNet` seen through the `Fuser` interface (float [0, 1] in and out)."""
+    """A trained `FusionNet` seen through the `Fuser` interface (float [0, 1] in and out), run
+    in a resolved precision (float32 or bfloat16 autocast; the weights stay float32)."""
 
-    def __init__(self, name: str, net: Any, device: str) -> None:
+    def __init__(self, name: str, net: Any, device: str, precision: str = "float32") -> None:
         self.name = name
         self.net = net.to(device).eval()
         self.device = device
+        self.precision = precision
 
     def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return predict_pair(self.net, a, b, self.device)
+        return predict_pair(self.net, a, b, self.device, self.precision)
 
 
 def _weights_meta(weights: Path) -> dict[str, Any]:
@@ -74,7 +78,12 @@ def _weights_meta(weights: Path) -> dict[str, Any]:
 
 
 def load_learned(
-    method: str, config: dict[str, Any], weights: Path, device: str, pair: str | None = None
+    method: str,
+    config: dict[str, Any],
+    weights: Path,
+    device: str,
+    pair: str | None = None,
+    precision: str = "float32",
 ) -> NetFuser:
     """The network the weights were trained as (config from model.json when present)."""
     state = load_checkpoint(weights, map_location=device)
@@ -94,7 +103,7 @@ def load_learned(
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise DataError(f"{weights}: weights do not fit method {method!r} ({first})") from exc
-    return NetFuser(method, net, device)
+    return NetFuser(method, net, device, precision)
 
 
 def load_fuser(
@@ -104,8 +113,10 @@ def load_fuser(
     pair: str | None = None,
     model_path: Path | None = None,
     device: str | None = None,
+    precision: str | None = None,
 ) -> Fuser:
-    """Any registered classical or learned method, ready to `fuse(a, b)`."""
+    """Any registered classical or learned method, ready to `fuse(a, b)`; a learned one runs in
+    `precision` (None: `train.precision`)."""
     config = method_config(params, method, variant)
     kind = config.get("kind")
     if kind == "classical":
@@ -123,9 +134,11 @@ def load_fuser(
                 f"{model_path}: no trained weights; run `medfuse train --method {method}"
                 f"{' --pair ' + pair if pair else ''} --variant {variant}` first"
             )
-        device = resolve_device(device or params.get("train", {}).get("device", "auto"))
+        train = params.get("train", {})
+        device = resolve_device(device or train.get("device", "auto"))
+        resolved = resolve_precision(precision or train.get("precision"), device)
         keep_freed_memory()
-        return load_learned(method, config, Path(model_path), device, pair)
+        return load_learned(method, config, Path(model_path), device, pair, resolved)
     raise ConfigError(
         f"method {method!r} ({kind}) only has released images for the test pairs; use --pair"
     )
@@ -176,6 +189,7 @@ def fuse_test_split(
     out: Path | None = None,
     model_path: Path | None = None,
     device: str | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Fuse every test pair of `pair`; returns the output folder. Logged to MLflow."""
     from medfuse.tracking import start_run
@@ -185,11 +199,13 @@ def fuse_test_split(
     prepared = PreparedData(params["data"]["prepare"]["out_dir"])
     rows = prepared.rows(pair, "test")
     start = time.perf_counter()
+    used_precision = "n/a"  # classical and published methods have none
     if config.get("kind") == "published":
         copy_published(params, config, pair, rows, out)
         fuse_s = 0.0
     else:
-        fuser = load_fuser(params, method, variant, pair, model_path, device)
+        fuser = load_fuser(params, method, variant, pair, model_path, device, precision)
+        used_precision = getattr(fuser, "precision", used_precision)
         fuse_s = 0.0
         for _, row in rows.iterrows():
             sample = prepared.load(row)
@@ -202,7 +218,10 @@ def fuse_test_split(
     with start_run(
         params, step="fuse", method=method, pair=pair, variant=variant, log_all_params=False
     ) as run:
-        run.log_params({"out_dir": str(out), "model": str(model_path or "")})
+        run.log_params(
+            {"out_dir": str(out), "model": str(model_path or ""), "precision": used_precision}
+        )
+        run.set_tags({"precision": used_precision})
         run.log_metrics(
             {"pairs": len(rows), "ms_per_pair": 1000 * fuse_s / len(rows), "total_s": total_s},
             step=0,
@@ -220,6 +239,7 @@ def fuse_files(
     model_path: Path | None = None,
     device: str | None = None,
     pair: str | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Fuse one user-given registered pair; A may be grey or RGB (fused through its luma)."""
     a_image = read_image(path_a)
@@ -237,7 +257,7 @@ def fuse_files(
             f"{path_a} is {a.shape[0]}x{a.shape[1]} but {path_b} is {b.shape[0]}x{b.shape[1]}: "
             "the two sources must be registered images of the same size"
         )
-    fuser = load_fuser(params, method, variant, pair, model_path, device)
+    fuser = load_fuser(params, method, variant, pair, model_path, device, precision)
     fused_y = to_uint8(fuser.fuse(a / 255.0, b / 255.0))
     write_image(out, recolour(fused_y, a_rgb) if a_rgb is not None else fused_y)
     return out
@@ -246,9 +266,17 @@ def fuse_files(
 def fuse_from_args(params: Mapping[str, Any], args: argparse.Namespace) -> Path:
     """The CLI's `fuse` command (see the module docstring for the two uses)."""
     images = list(args.images or [])
+    precision = getattr(args, "precision", None)
     if args.pair is not None and not images:
         out = fuse_test_split(
-            params, args.method, args.pair, args.variant, args.out, args.model, args.device
+            params,
+            args.method,
+            args.pair,
+            args.variant,
+            args.out,
+            args.model,
+            args.device,
+            precision,
         )
     elif len(images) == 2:
         if args.out is None:
@@ -263,6 +291,7 @@ def fuse_from_args(params: Mapping[str, Any], args: argparse.Namespace) -> Path:
             args.model,
             args.device,
             args.pair,
+            precision,
         )
     else:
         raise ConfigError(

@@ -7,17 +7,36 @@ L = w_avg L_avg + w_grad L_grad + w_cc L_cc + w_mi L_mi + w_rec L_rec, weights f
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medfuse.errors import ConfigError
-from medfuse.methods.blocks import sobel_magnitude
+from medfuse.methods.blocks import sobel_magnitude, spatial_mean
 
 _CC_EPS = 1e-8
+
+LossFn = TypeVar("LossFn", bound=Callable[..., torch.Tensor])
+
+
+def in_float32(loss: LossFn) -> LossFn:
+    """Run a loss term in float32 whatever the network's precision: autocast off, tensor
+    arguments cast up. Its means, softmax and correlations lose too much in bfloat16 (8
+    significant bits), while the term itself costs little next to the network."""
+
+    @functools.wraps(loss)
+    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
+        args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return loss(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -44,11 +63,13 @@ class LossWeights:
         return weights
 
 
+@in_float32
 def l_avg(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Eq. 13: mean absolute distance to the pixel-wise average of the sources."""
     return (fused - (a + b) * 0.5).abs().mean()
 
 
+@in_float32
 def l_grad(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Eq. 14: mean | G(If) - max(G(I1), G(I2)) |, G the Sobel magnitude |gx| + |gy|.
 
@@ -69,11 +90,13 @@ def correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return cov / torch.sqrt(xc.pow(2).mean(dim=1) * yc.pow(2).mean(dim=1) + _CC_EPS)
 
 
+@in_float32
 def l_cc(fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Eq. 15: 1 - corr(If, (I1 + I2) / 2), per image, averaged over the batch."""
     return (1.0 - correlation(fused, (a + b) * 0.5)).mean()
 
 
+@in_float32
 def infonce(z_query: torch.Tensor, z_key: torch.Tensor, tau: float) -> torch.Tensor:
     """Eq. 16: InfoNCE with cosine similarity; the positive of query i is key i, the other keys
     of the batch are its negatives."""
@@ -89,6 +112,7 @@ def infonce_pair(
     return 0.5 * (infonce(z_f, z_1, tau) + infonce(z_f, z_2, tau))
 
 
+@in_float32
 def l_rec(reconstructions: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Eq. 17: mean |R1(If) - I1| + mean |R2(If) - I2|; `reconstructions` is (N, 2, H, W)."""
     return (reconstructions[:, :1] - a).abs().mean() + (reconstructions[:, 1:] - b).abs().mean()
@@ -104,7 +128,7 @@ class ProjectionHead(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(features.mean(dim=(2, 3)))
+        return self.mlp(spatial_mean(features))
 
 
 class ReconstructionHeads(nn.Module):

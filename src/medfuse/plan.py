@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medfuse.config import canonical_method
+from medfuse.config import canonical_method, seeded_variant
+from medfuse.errors import ConfigError
 
 RESULTS = Path("results")
 
@@ -46,12 +47,30 @@ def trained_methods(exp: Mapping[str, Any]) -> list[str]:
     return [canonical_method(m) for m in [*exp["learned"], *exp["retrained_peers"]]]
 
 
+def _seed_jobs(params: Mapping[str, Any]) -> list[Job]:
+    """The full model of each `learned` method again with every extra seed, on `seed_pairs`."""
+    exp = params["experiments"]
+    if params["seed"] in exp["extra_seeds"]:
+        raise ConfigError(
+            f"experiments.extra_seeds: {params['seed']} is `seed`, whose run is the full model "
+            "itself; list other seeds"
+        )
+    return [
+        Job(m, pair, seeded_variant("full", seed))
+        for m in map(canonical_method, exp["learned"])
+        for pair in exp["seed_pairs"]
+        for seed in exp["extra_seeds"]
+    ]
+
+
 def fusion_jobs(params: Mapping[str, Any]) -> list[Job]:
-    """Every method (trained, published or classical) on every pair, plus the ablations."""
+    """Every method (trained, published or classical) on every pair, plus the ablations and the
+    extra seeds."""
     exp = params["experiments"]
     names = [*trained_methods(exp), *exp["classical"], *exp["published"]]
     methods = [canonical_method(m) for m in names]
-    return [Job(m, p) for m in methods for p in exp["pairs"]] + _ablation_jobs(exp)
+    full = [Job(m, p) for m in methods for p in exp["pairs"]]
+    return full + _ablation_jobs(exp) + _seed_jobs(params)
 
 
 def is_learned(params: Mapping[str, Any], method: str) -> bool:

@@ -3,8 +3,11 @@
 It needs only a `FusionNet`'s `training_loss(a, b)` (see `medfuse.methods.base`), so W-DUALMINE
 and the peers train the same way. A checkpoint after every epoch holds the model, optimiser and
 every random state, so `--resume` after a crash gives the same weights as an uninterrupted run
-(on CPU, where kernels are deterministic). Checkpoints are read with `weights_only=True`: a file
-that would need arbitrary unpickling is refused.
+(on CPU, where kernels are deterministic), in float32 and in bfloat16 alike. Checkpoints are read
+with `weights_only=True`: a file that would need arbitrary unpickling is refused.
+
+`train.precision` (see `medfuse.precision`) picks float32 or bfloat16 autocast; parameters,
+optimiser state and checkpoints are float32 either way.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ import pickle
 import random
 import time
 from collections.abc import Mapping
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from medfuse.config import canonical_method, method_config
+from medfuse.config import canonical_method, job_params, method_config
 from medfuse.data.dataset import Augment, PairDataset
 from medfuse.data.prepared import PreparedData, Sample
 from medfuse.errors import ConfigError, DataError
@@ -35,6 +37,7 @@ from medfuse.io import atomic_path, to_uint8, write_image, write_text_atomic
 from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import FusionNet
 from medfuse.methods.registry import build_method
+from medfuse.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +72,7 @@ class TrainSettings:
     sample_fusions: int
     num_workers: int
     device: str
-    amp: bool
+    precision: str  # resolved: float32 | bfloat16
 
 
 def resolve_device(requested: str) -> str:
@@ -87,15 +90,12 @@ def resolve_settings(
     config: Mapping[str, Any],
     device: str | None = None,
     epochs: int | None = None,
-    amp: bool | None = None,
+    precision: str | None = None,
 ) -> TrainSettings:
     train = params.get("train", {})
     optim = config.get("optim", {})
     resolved_device = resolve_device(device or train.get("device", "auto"))
-    use_amp = bool(train.get("amp", False) if amp is None else amp)
-    if use_amp and resolved_device != "cuda":
-        log.warning("--amp is for CUDA; training in float32 on %s", resolved_device)
-        use_amp = False
+    resolved_precision = resolve_precision(precision or train.get("precision"), resolved_device)
     n_epochs = int(epochs if epochs is not None else optim.get("epochs", 1))
     if n_epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {n_epochs}")
@@ -112,7 +112,7 @@ def resolve_settings(
         sample_fusions=int(train.get("sample_fusions", 0)),
         num_workers=int(train.get("num_workers", 0)),
         device=resolved_device,
-        amp=use_amp,
+        precision=resolved_precision,
     )
 
 
@@ -202,18 +202,10 @@ def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
 # ---- the loop ----
 
 
-def _autocast(s: TrainSettings) -> Any:
-    if not s.amp:
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
-
-
 def train_one_epoch(
     model: FusionNet,
     loader: DataLoader,
     optimiser: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None,
     s: TrainSettings,
     epoch: int,
 ) -> dict[str, float]:
@@ -232,16 +224,11 @@ def train_one_epoch(
     for a, b in bar:
         a = a.to(s.device, non_blocking=True)
         b = b.to(s.device, non_blocking=True)
-        with _autocast(s):
+        with autocast(s.precision, s.device):  # bfloat16 needs no loss scaling
             loss, terms = model.training_loss(a, b)
         optimiser.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimiser)
-            scaler.update()
-        else:
-            loss.backward()
-            optimiser.step()
+        loss.backward()
+        optimiser.step()
         steps += 1
         images += a.shape[0]
         for name, value in terms.items():
@@ -270,8 +257,16 @@ def _settings_params(s: TrainSettings, method: str, pair: str, variant: str) -> 
     return {f"run.{k}": str(v) for k, v in values.items()}
 
 
-def _resume_key(method: str, pair: str, variant: str, config: Mapping[str, Any]) -> dict:
-    """What a checkpoint must match to be resumed (the epoch count may grow: train longer)."""
+def _resume_key(
+    method: str, pair: str, variant: str, config: Mapping[str, Any], precision: str = "float32"
+) -> dict:
+    """What a checkpoint must match to be resumed (the epoch count may grow: train longer).
+
+    The precision is part of it: epochs in float32 continued in bfloat16 (or back) give weights
+    that neither an uninterrupted float32 nor an uninterrupted bfloat16 run gives, so a resume
+    across precisions is refused rather than silently spliced; `--precision` picks the one the
+    checkpoint was written in.
+    """
     settings = json.loads(json.dumps(config))
     settings.get("optim", {}).pop("epochs", None)
     return {
@@ -279,15 +274,22 @@ def _resume_key(method: str, pair: str, variant: str, config: Mapping[str, Any])
         "pair": pair,
         "variant": variant,
         "config": json.dumps(settings, sort_keys=True),
+        "precision": precision,
     }
+
+
+# Keys added to the resume key later, with the value every older checkpoint was written with.
+_KEY_DEFAULTS = {"precision": "float32"}
 
 
 def _check_resumable(state: Mapping[str, Any], key: Mapping[str, Any], path: Path) -> None:
     for name, expected in key.items():
-        if state.get(name) != expected:
+        found = state.get(name, _KEY_DEFAULTS.get(name))
+        if found != expected:
+            remedy = f"--precision {found}, " if name == "precision" else ""
             raise ConfigError(
-                f"{path}: checkpoint was written for {name}={state.get(name)!r}, "
-                f"not {expected!r}; remove it or train into another --out"
+                f"{path}: checkpoint was written for {name}={found!r}, not {expected!r}; "
+                f"{remedy}remove it or train into another --out"
             )
 
 
@@ -306,27 +308,23 @@ def _make_loader(dataset: PairDataset, s: TrainSettings) -> tuple[DataLoader, to
 
 
 def _resume(path: Path, key: Mapping[str, Any], trainer: dict[str, Any], device: str) -> tuple:
-    """Restore model, optimiser, scaler and random states; return (epochs done, MLflow run)."""
+    """Restore model, optimiser and random states; return (epochs done, MLflow run)."""
     state = load_checkpoint(path, device)
     _check_resumable(state, key, path)
     trainer["model"].load_state_dict(state["model"])
     trainer["optimiser"].load_state_dict(state["optimiser"])
-    if trainer["scaler"] is not None and "scaler" in state:
-        trainer["scaler"].load_state_dict(state["scaler"])
     restore_rng_state(state["rng"], trainer["generator"])
     log.info("resuming from epoch %d (%s)", int(state["epoch"]), path)
     return int(state["epoch"]), state.get("run_id")
 
 
 def _checkpoint(trainer: dict[str, Any], key: Mapping[str, Any], epoch: int, run_id: str) -> dict:
-    scaler = trainer["scaler"]
     return {
         **key,
         "epoch": epoch,
         "run_id": run_id,
         "model": trainer["model"].state_dict(),
         "optimiser": trainer["optimiser"].state_dict(),
-        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
         "rng": rng_state(trainer["generator"]),
     }
 
@@ -340,19 +338,20 @@ def train_from_params(
     resume: bool = False,
     device: str | None = None,
     epochs: int | None = None,
-    amp: bool | None = None,
+    precision: str | None = None,
 ) -> Path:
     """Train `method` (a learned one) on `pair`'s train split; return the final weights' path."""
     from medfuse.tracking import start_run
 
+    params = job_params(params, variant)  # a seeded variant (full_seed<N>) trains with its seed
     config = method_config(params, method, variant)
     if config.get("kind") != "learned":
         raise ConfigError(
             f"method {method!r} is {config.get('kind')!r}, not learned: nothing to train"
         )
-    s = resolve_settings(params, config, device, epochs, amp)
+    s = resolve_settings(params, config, device, epochs, precision)
     out = Path(out_dir) if out_dir is not None else default_model_dir(method, pair, variant)
-    key = _resume_key(method, pair, variant, config)
+    key = _resume_key(method, pair, variant, config, s.precision)
 
     keep_freed_memory()
     seed_everything(s.seed)
@@ -360,13 +359,8 @@ def train_from_params(
     dataset = PairDataset(prepared.samples(pair, "train"), s.seed, s.augment, s.image_size)
     loader, generator = _make_loader(dataset, s)
     model = build_learned(method, config, pair).to(s.device)
-    use_scaler = s.amp and not torch.cuda.is_bf16_supported()  # bf16 needs no loss scaling
-    trainer = {
-        "model": model,
-        "optimiser": make_optimiser(model, s),
-        "scaler": torch.amp.GradScaler("cuda") if use_scaler else None,
-        "generator": generator,
-    }
+    trainer = {"model": model, "optimiser": make_optimiser(model, s), "generator": generator}
+    log.info("training %s in %s on %s", method, s.precision, s.device)
     start_epoch, run_id = 0, None
     checkpoint_path = out / CHECKPOINT
     if not resume:
@@ -381,18 +375,22 @@ def train_from_params(
     ) as run:
         if run_id is None:
             run.log_params(_settings_params(s, method, pair, variant))
-            run.set_tags({"device": s.device, "parameters": parameter_count(model)})
+            run.set_tags(
+                {
+                    "device": s.device,
+                    "precision": s.precision,
+                    "parameters": parameter_count(model),
+                }
+            )
         for epoch in range(start_epoch, s.epochs):
             dataset.set_epoch(epoch)
-            stats = train_one_epoch(
-                model, loader, trainer["optimiser"], trainer["scaler"], s, epoch + 1
-            )
+            stats = train_one_epoch(model, loader, trainer["optimiser"], s, epoch + 1)
             run.log_metrics(stats, step=epoch + 1)
             append_history(out / HISTORY, epoch + 1, stats)
             log.info("epoch %d/%d %s", epoch + 1, s.epochs, _format_stats(stats))
             save_checkpoint(checkpoint_path, _checkpoint(trainer, key, epoch + 1, run.run_id))
         meta = {"method": method, "pair": pair, "variant": variant, "config": config}
-        meta.update(epochs=s.epochs, seed=s.seed, run_id=run.run_id)
+        meta.update(epochs=s.epochs, seed=s.seed, precision=s.precision, run_id=run.run_id)
         weights = save_weights(out, model, meta)
         run.log_artifact(weights, "model")
         run.log_artifact(out / META, "model")
@@ -431,12 +429,17 @@ def save_weights(out: Path, model: torch.nn.Module, meta: Mapping[str, Any]) -> 
 
 
 @torch.no_grad()
-def predict_pair(model: FusionNet, a: np.ndarray, b: np.ndarray, device: str) -> np.ndarray:
-    """Float (H, W) sources in [0, 1] -> fused float64 (H, W) in [0, 1], by a learned model."""
+def predict_pair(
+    model: FusionNet, a: np.ndarray, b: np.ndarray, device: str, precision: str = "float32"
+) -> np.ndarray:
+    """Float (H, W) sources in [0, 1] -> fused float64 (H, W) in [0, 1], by a learned model
+    (run in `precision`, a resolved one: float32 or bfloat16)."""
     model.eval()
     ta = torch.as_tensor(np.asarray(a, dtype=np.float32))[None, None].to(device)
     tb = torch.as_tensor(np.asarray(b, dtype=np.float32))[None, None].to(device)
-    return model(ta, tb)[0, 0].double().cpu().numpy()
+    with autocast(precision, device):
+        fused = model(ta, tb)
+    return fused[0, 0].double().clamp(0.0, 1.0).cpu().numpy()
 
 
 def write_sample_fusions(
@@ -452,6 +455,7 @@ def write_sample_fusions(
         return None
     for _, row in rows.iterrows():
         sample: Sample = prepared.load(row)
-        fused = to_uint8(predict_pair(model, sample.a / 255.0, sample.b / 255.0, s.device))
+        fused = predict_pair(model, sample.a / 255.0, sample.b / 255.0, s.device, s.precision)
+        fused = to_uint8(fused)
         write_image(folder / f"{sample.name}.png", np.hstack([sample.a, sample.b, fused]))
     return folder

@@ -3,7 +3,7 @@
 
 import shlex
 
-from medfuse.config import load_params, method_config
+from medfuse.config import job_params, load_params, method_config
 from medfuse.plan import fusion_jobs, is_learned
 
 PROFILE = config.get("profile")

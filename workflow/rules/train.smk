@@ -26,7 +26,7 @@ rule train:
     params:
         settings=method_settings,
         train=PARAMS["train"],
-        seed=PARAMS["seed"],
+        seed=lambda wc: job_params(PARAMS, wc.variant)["seed"],
         out_dir=subpath(output[0], parent=True),
         profile=PROFILE_ARG,
     log:

@@ -202,7 +202,9 @@ class SoftExpertMixture(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, d, h, w = x.shape
-        tokens = self.norm(x.flatten(2).transpose(1, 2))  # (N, HW, D)
+        # RMSNorm in float32 (its weight's dtype): under bfloat16 autocast a bfloat16 input
+        # misses the fused kernel; the einsums below take bfloat16 again.
+        tokens = self.norm(x.flatten(2).transpose(1, 2).float())  # (N, HW, D)
         logits = torch.einsum("bnd,esd->bnes", tokens, self.slot_norm(self.slot_embeds))
         dispatch = logits.softmax(dim=1)
         combine = logits.flatten(2).softmax(dim=-1).view_as(logits)

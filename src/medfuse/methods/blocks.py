@@ -27,6 +27,59 @@ def conv3x3(c_in: int, c_out: int, stride: int = 1, dilation: int = 1) -> nn.Con
     return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=dilation, dilation=dilation)
 
 
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    return (
+        torch.channels_last
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
+
+
+class _Subsample(torch.autograd.Function):
+    """Every s-th pixel, copied out; its gradient is scattered into zeros of the input's
+    memory format (autograd's slice backward gives a contiguous NCHW gradient, and every
+    channels-last op it then meets ran 2.5-4x slower on the mixed layouts)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, sh: int, sw: int) -> torch.Tensor:
+        ctx.shape, ctx.step, ctx.format = x.shape, (sh, sw), _memory_format(x)
+        return x[:, :, ::sh, ::sw].contiguous(memory_format=ctx.format)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        sh, sw = ctx.step
+        out = torch.empty(
+            ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=ctx.format
+        ).zero_()
+        out[:, :, ::sh, ::sw] = grad
+        return out, None, None
+
+
+def subsample(x: torch.Tensor, stride: tuple[int, int]) -> torch.Tensor:
+    """x[:, :, ::sh, ::sw] as a compact tensor in x's memory format (and so its gradient)."""
+    return _Subsample.apply(x, *stride)
+
+
+class _SpatialMean(torch.autograd.Function):
+    """x.mean over H and W, (N, C); the gradient keeps x's memory format (see `_Subsample`)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape, ctx.format = x.shape, _memory_format(x)
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = ctx.shape
+        spread = (grad / (h * w))[:, :, None, None].expand(n, c, h, w)
+        return spread.contiguous(memory_format=ctx.format)
+
+
+def spatial_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over height and width of an (N, C, H, W) tensor: (N, C)."""
+    return _SpatialMean.apply(x)
+
+
 class Conv1x1(nn.Conv2d):
     """A 1x1 convolution. From a single channel it is a per-channel scale and shift of the image:
     computed as one broadcast multiply-add, which on CPU was several times faster in training
@@ -41,13 +94,13 @@ class Conv1x1(nn.Conv2d):
             # stride 1. oneDNN's own strided 1x1 path writes past its workspace in the weight
             # gradient for channels-last inputs with few channels (uxlfoundation/oneDNN#6035):
             # it crashed torch 2.13 here (4 or 8 -> 8 channels at 64 x 64 and above).
-            sh, sw = self.stride
-            x = x[:, :, ::sh, ::sw].contiguous(memory_format=torch.channels_last)
-            return F.conv2d(x, self.weight, self.bias)
+            return F.conv2d(subsample(x, self.stride), self.weight, self.bias)
         if self.in_channels != 1:
             return super().forward(x)
         # (N, H, W, 1) * (C,) + (C,) -> (N, H, W, C): one fused multiply-add over the output.
-        y = torch.addcmul(self.bias, x.permute(0, 2, 3, 1), self.weight.flatten())
+        # Parameters follow the input's dtype: autocast does not cover addcmul.
+        weight, bias = self.weight.flatten().to(x.dtype), self.bias.to(x.dtype)
+        y = torch.addcmul(bias, x.permute(0, 2, 3, 1), weight)
         return y.permute(0, 3, 1, 2)  # (N, C, H, W) view of channels-last memory
 
 
@@ -73,7 +126,7 @@ class ECA(nn.Module):
         self.conv = nn.Conv1d(1, 1, k, padding=k // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = x.mean(dim=(2, 3))  # (N, C)
+        pooled = spatial_mean(x)  # (N, C)
         gate = torch.sigmoid(self.conv(pooled.unsqueeze(1))).squeeze(1)
         return x * gate[:, :, None, None]
 
@@ -203,6 +256,14 @@ def haar_idwt(
 ) -> torch.Tensor:
     """Inverse of `haar_dwt` (exact up to float rounding)."""
     return _HaarIDWT.apply(ll, lh, hl, hh)
+
+
+def lerp(start: torch.Tensor, end: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """start + weight * (end - start): `torch.lerp` (one pass) when the dtypes agree; written
+    out otherwise, since `torch.lerp` refuses the mixed dtypes autocast produces."""
+    if start.dtype == end.dtype == weight.dtype:
+        return torch.lerp(start, end, weight)
+    return start + weight * (end - start)
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -348,7 +348,8 @@ class PeerFusionNet(FusionNet):
         return out[..., :h, :w]
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        out = self.raw_output(self._prepare(a), self._prepare(b))
+        # The stretch in float32: under bfloat16 autocast the raw output has 8 significant bits.
+        out = self.raw_output(self._prepare(a), self._prepare(b)).float()
         return minmax_per_image(out) if self.config.stretch_output else out.clamp(0.0, 1.0)
 
     def training_loss(

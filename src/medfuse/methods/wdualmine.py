@@ -48,9 +48,11 @@ from medfuse.methods.blocks import (
     conv3x3,
     haar_dwt,
     haar_idwt,
+    lerp,
     pad_to_multiple,
     sobel_magnitude,
 )
+from medfuse.precision import to_autocast_dtype
 
 # Three stride-2 steps and the Haar transform at the coarsest scale need sizes divisible by 16.
 SIZE_MULTIPLE = 16
@@ -146,7 +148,7 @@ class GlobalContextExpert(nn.Module):
         self.merge = conv1x1(2 * channels, channels)
 
     def forward(self, f1: torch.Tensor, f2: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
-        base = torch.lerp(f2, f1, w1)  # w1 * f1 + (1 - w1) * f2 in one pass
+        base = lerp(f2, f1, w1)  # w1 * f1 + (1 - w1) * f2 in one pass
         # The 1x1 merge is linear, so it folds into the two 3x3 filters: merge(cat(local, context))
         # = conv3x3(M_l W_l) + conv3x3_d2(M_c W_c), the same function and parameters without the
         # concatenation and the extra full-size pass of the 1x1 conv.
@@ -170,7 +172,7 @@ class WaveletExpert(nn.Module):
         ll1, *details1 = haar_dwt(f1)
         ll2, *details2 = haar_dwt(f2)
         w1_half = F.avg_pool2d(w1, 2)  # weights brought to the LL resolution
-        ll = torch.lerp(ll2, ll1, w1_half)
+        ll = lerp(ll2, ll1, w1_half)
         details = [
             torch.where(d1.abs() > d2.abs(), d1, d2)
             for d1, d2 in zip(details1, details2, strict=True)
@@ -195,7 +197,7 @@ class SoftGradientMixer(nn.Module):
         logit = F.conv2d(spatial + sobel_magnitude(spatial), diff[:, :c]) + F.conv2d(
             wave + sobel_magnitude(wave), diff[:, c:], bias[:1] - bias[1:]
         )
-        return torch.lerp(wave, spatial, torch.sigmoid(logit))
+        return lerp(wave, spatial, torch.sigmoid(logit))
 
 
 class ScaleFusion(nn.Module):
@@ -270,7 +272,10 @@ class WDualmine(FusionNet):
             self.to(memory_format=torch.channels_last)
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        """A network input: channels-last if configured, and in autocast's dtype under autocast
+        (then the whole network runs in bfloat16, with no float32 round trips between layers)."""
+        x = x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
+        return to_autocast_dtype(x)
 
     def encode_pair(self, a: torch.Tensor, b: torch.Tensor) -> tuple[list, list]:
         """Both sources through the shared encoder in one batch (one pass, not two)."""
@@ -283,8 +288,8 @@ class WDualmine(FusionNet):
         feats_a, feats_b = self.encode_pair(a, b)
         fused = [fuse(f1, f2) for fuse, f1, f2 in zip(self.fusion, feats_a, feats_b, strict=True)]
         residual = self.decoder(fused)
-        average = (a + b) * 0.5
-        out = average + self.cfg.residual_scale * torch.tanh(residual)
+        average = (a + b) * 0.5  # the sources' dtype (float32): the output image stays exact
+        out = average + self.cfg.residual_scale * torch.tanh(residual.float())
         return out.clamp(0.0, 1.0).contiguous(), feats_a, feats_b
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
