@@ -15,3 +15,11 @@ class DataError(MedfuseError):
 
 class DownloadError(MedfuseError):
     """A file could not be fetched after all retries."""
+
+
+class TrackingError(MedfuseError):
+    """The MLflow tracking store or server cannot be opened, reached or written."""
+
+
+class TrackingAuthError(TrackingError):
+    """The MLflow server refused the credentials (HTTP 401) or the permission (HTTP 403)."""

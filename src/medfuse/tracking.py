@@ -6,6 +6,12 @@ once both fail in its schema migration, so creation happens once (`medfuse init-
 as a second guard, under a file lock; an experiment needs an explicit artifact location or
 artifacts land in whatever directory created it; batched logging is far faster than one call
 per value.
+
+A shared tracking server (`http://` or `https://` URI) needs none of the SQLite guards; it owns
+its artifact store (`mlflow server --artifacts-destination`), so experiments created on it get
+the server's artifact location, not a path on the client's disk. Credentials come from
+MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (read by MLflow itself); a refused login or
+permission becomes one line naming the server (`TrackingAuthError`), not a traceback.
 """
 
 from __future__ import annotations
@@ -19,12 +25,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from medfuse.errors import ConfigError
+from medfuse.errors import TrackingAuthError, TrackingError
 
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _SQLITE = "sqlite:///"
+_SERVER_SCHEMES = ("http://", "https://")
 _BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 _PARAM_MAX = 6000  # MLflow's limit of characters per param value
 
@@ -63,39 +70,131 @@ def _store_lock(uri: str) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def is_server(uri: str) -> bool:
+    """A tracking server (MLflow's REST API), as opposed to a database the client opens."""
+    return uri.startswith(_SERVER_SCHEMES)
+
+
 def _client(uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
+def _http_status(exc: BaseException) -> int | None:
+    """The HTTP status behind an MLflow REST error or a failed artifact upload, if any."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code()
+    response = getattr(exc, "response", None)  # requests.HTTPError from the artifact proxy
+    return getattr(response, "status_code", None)
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_mlflow_error(exc: BaseException) -> bool:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(exc, (MlflowException, requests.RequestException))
+
+
+def _refusal(uri: str, status: int, doing: str) -> str:
+    """The one line for a 401 (login refused) or 403 (permission refused); never the password."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 and user:
+        return (
+            f"{uri}: the MLflow server rejected the password of user {user!r} (HTTP 401); "
+            "check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if status == 401:
+        return (
+            f"{uri}: the MLflow server requires a login (HTTP 401); "
+            "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    who = f"user {user!r}" if user else "an anonymous client"
+    return (
+        f"{uri}: {who} may not {doing} on the MLflow server (HTTP 403); "
+        "ask the experiment's owner or the server's admin for EDIT permission"
+    )
+
+
+@contextlib.contextmanager
+def mlflow_errors(uri: str, doing: str) -> Iterator[None]:
+    """Turn MLflow's exceptions for a refused login (401) or permission (403), and, on a server,
+    any other REST failure, into one line naming the store; other errors pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        status = _http_status(exc)
+        if status in (401, 403):
+            raise TrackingAuthError(_refusal(uri, status, doing)) from None
+        if is_server(uri) and _is_mlflow_error(exc):
+            raise TrackingError(
+                f"{uri}: cannot {doing} on the MLflow server ({_one_line(exc)})"
+            ) from None
+        raise
+
+
 def init_store(params: Mapping[str, Any]) -> str:
-    """Create (or migrate) the tracking store once; return its URI. Safe to call again."""
+    """Create (or migrate) the tracking database once, or check that the server answers and
+    takes the credentials; return the store's URI. Safe to call again."""
     uri = tracking_uri(params)
+    if is_server(uri):
+        with mlflow_errors(uri, "list experiments"):
+            _client(uri).search_experiments(max_results=1)
+        return uri
     with _store_lock(uri):
         try:
             _client(uri).search_experiments(max_results=1)  # forces creation + migration
         except Exception as exc:  # MLflow raises many types here; all mean "store unusable"
-            raise ConfigError(f"{uri}: cannot open or create the MLflow store ({exc})") from exc
+            raise TrackingError(
+                f"{uri}: cannot open or create the MLflow store ({_one_line(exc)})"
+            ) from exc
     return uri
 
 
-def artifact_location(params: Mapping[str, Any], pair: str) -> str:
-    root = Path(str(params["tracking"]["artifact_root"]))
+def artifact_location(params: Mapping[str, Any], pair: str, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts. A local store: tracking.artifact_root on this
+    disk. A server: its own artifact store (None), unless artifact_root is itself a URI (e.g.
+    s3://bucket/path) that every client can reach; a local folder would strand the artifacts
+    on whichever machine created the experiment."""
+    root_text = str(params["tracking"]["artifact_root"])
+    if "://" in root_text:
+        return f"{root_text.rstrip('/')}/{pair}"
+    if is_server(uri):
+        return None
+    root = Path(root_text)
     if not root.is_absolute():
         root = Path.cwd() / root
     return (root.resolve() / pair).as_uri()
 
 
+def _already_exists(exc: BaseException) -> bool:
+    return getattr(exc, "error_code", "") == "RESOURCE_ALREADY_EXISTS"
+
+
 def experiment_id(client: Any, params: Mapping[str, Any], pair: str, uri: str) -> str:
-    """The pair's experiment, created with an explicit artifact location if it is new."""
+    """The pair's experiment, created (with its artifact location) if it is new. On a server,
+    two jobs may create it at once: the loser reads the winner's."""
+    from mlflow.exceptions import MlflowException
+
     with _store_lock(uri):
         found = client.get_experiment_by_name(pair)
         if found is not None:
             return str(found.experiment_id)
-        return str(
-            client.create_experiment(pair, artifact_location=artifact_location(params, pair))
-        )
+        try:
+            location = artifact_location(params, pair, uri)
+            return str(client.create_experiment(pair, artifact_location=location))
+        except MlflowException as exc:
+            found = client.get_experiment_by_name(pair) if _already_exists(exc) else None
+            if found is None:
+                raise
+            return str(found.experiment_id)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -200,29 +299,21 @@ def start_run(
     """
     uri = init_store(params)
     client = _client(uri)
-    if run_id is not None and not _reopen(client, run_id):
-        log.warning("run %s not found in %s; starting a new run", run_id, uri)
-        run_id = None
-    is_new = run_id is None
-    if is_new:
-        extra = dict(tags or {})
-        name = "-".join([step, method.replace(":", "-"), variant, *extra.values()])
-        created = client.create_run(
-            experiment_id(client, params, pair, uri),
-            tags={"step": step, "method": method, "pair": pair, "variant": variant, **extra},
-            run_name=name,
-        )
-        run_id = created.info.run_id
-    run = Run(client, run_id)
-    if is_new:
-        run.set_tags(
-            {"git_commit": git_commit(), "data_manifest_sha256": data_manifest_hash(params)}
-        )
-        if log_all_params:
-            run.log_params(flatten(params))
+    doing = f"write runs in experiment {pair!r}"
+    job = {"step": step, "method": method, "pair": pair, "variant": variant}
+    with mlflow_errors(uri, doing):
+        run_id, is_new = _open_run(client, params, uri, job, run_id, dict(tags or {}))
+        run = Run(client, run_id)
+        if is_new:
+            run.set_tags(
+                {"git_commit": git_commit(), "data_manifest_sha256": data_manifest_hash(params)}
+            )
+            if log_all_params:
+                run.log_params(flatten(params))
     status = "FINISHED"
     try:
-        yield run
+        with mlflow_errors(uri, doing):  # the caller's logging inside the block, too
+            yield run
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -230,7 +321,29 @@ def start_run(
         status = "FAILED"
         raise
     finally:
-        client.set_terminated(run_id, status=status)
+        with mlflow_errors(uri, doing):
+            client.set_terminated(run_id, status=status)
+
+
+def _open_run(
+    client: Any,
+    params: Mapping[str, Any],
+    uri: str,
+    job: Mapping[str, str],
+    run_id: str | None,
+    extra: Mapping[str, str],
+) -> tuple[str, bool]:
+    """(run id, whether it is new): `run_id` reopened if the store has it, else a new run in
+    the job's pair experiment, tagged with the job (step, method, pair, variant) and `extra`."""
+    if run_id is not None and _reopen(client, run_id):
+        return run_id, False
+    if run_id is not None:
+        log.warning("run %s not found in %s; starting a new run", run_id, uri)
+    name = "-".join([job["step"], job["method"].replace(":", "-"), job["variant"], *extra.values()])
+    created = client.create_run(
+        experiment_id(client, params, job["pair"], uri), tags={**job, **extra}, run_name=name
+    )
+    return created.info.run_id, True
 
 
 def list_runs(params: Mapping[str, Any]) -> Any:
@@ -238,17 +351,23 @@ def list_runs(params: Mapping[str, Any]) -> Any:
     run_id, run_name, status and the job tags (step, method, pair, variant), newest first."""
     import pandas as pd
 
-    client = _client(init_store(params))
+    uri = init_store(params)
+    client = _client(uri)
     rows = []
-    for experiment in client.search_experiments():
-        for run in client.search_runs([experiment.experiment_id], order_by=["start_time DESC"]):
-            tags = run.data.tags
-            rows.append(
-                {
-                    "run_id": run.info.run_id,
-                    "run_name": run.info.run_name,
-                    "status": run.info.status,
-                    **{key: tags.get(key, "") for key in ("step", "method", "pair", "variant")},
-                }
-            )
+    with mlflow_errors(uri, "list runs"):
+        found = [
+            run
+            for experiment in client.search_experiments()
+            for run in client.search_runs([experiment.experiment_id], order_by=["start_time DESC"])
+        ]
+    for run in found:
+        tags = run.data.tags
+        rows.append(
+            {
+                "run_id": run.info.run_id,
+                "run_name": run.info.run_name,
+                "status": run.info.status,
+                **{key: tags.get(key, "") for key in ("step", "method", "pair", "variant")},
+            }
+        )
     return pd.DataFrame(rows)
