@@ -33,6 +33,7 @@ from medfuse.data.download import (
     read_manifest,
 )
 from medfuse.errors import ConfigError, DataError, DownloadError
+from tests.workspace import QuietHandler, serve_directory
 
 FAST = DownloadSettings(workers=4, retries=2, backoff_s=0.01, timeout_s=5)
 # The shipped defaults: retrying an unreachable host per file would cost 7.5 s of back-off alone.
@@ -40,26 +41,10 @@ DEFAULTS = DownloadSettings()
 UNRESOLVABLE = "medfuse-mirror.invalid"  # RFC 6761: never resolves
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:  # keep pytest output clean
-        pass
-
-
-def _serve(directory: Path) -> Iterator[str]:
-    handler = functools.partial(_QuietHandler, directory=str(directory))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.fixture(scope="module")
 def mirror_url(aanlib_mirror: Path) -> Iterator[str]:
-    yield from _serve(aanlib_mirror)
+    with serve_directory(aanlib_mirror) as url:
+        yield url
 
 
 def _manifest(tmp_path: Path, files: dict[str, bytes], corrupt: set[str] = frozenset()) -> Path:
@@ -221,7 +206,7 @@ def test_connect_time_outs_in_a_row_stop_the_download(tmp_path, monkeypatch):
     assert len(attempts) <= 1 + 3 * settings.workers
 
 
-class _FlakyHandler(_QuietHandler):
+class _FlakyHandler(QuietHandler):
     """Answers 503 to the first two requests for each file, then serves it."""
 
     failures_left: dict[str, int]
@@ -308,7 +293,7 @@ def test_unsupported_scheme_is_a_config_error(tmp_path):
 # ------------------------------------------------------------------- Ctrl-C and leftovers
 
 
-class _StallingHandler(_QuietHandler):
+class _StallingHandler(QuietHandler):
     """Answers the first request (the probe) 503; then, by `mode`, every request 503 (the
     download backs off and retries) or none at all (the workers hang in a read)."""
 

@@ -52,7 +52,7 @@ def real_mirrors() -> DataSource:
     return DataSource(dict(MIRRORS), {name: str(path) for name, path in MIRRORS.items()})
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:  # keep pytest output clean
         pass
 
@@ -60,7 +60,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 @contextlib.contextmanager
 def serve_directory(directory: Path) -> Iterator[str]:
     """An HTTP server for `directory` on 127.0.0.1 (any free port) while the block runs."""
-    handler = functools.partial(_QuietHandler, directory=str(directory))
+    handler = functools.partial(QuietHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
