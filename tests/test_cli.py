@@ -81,3 +81,36 @@ def test_precision_option_replaces_amp(command: list[str]) -> None:
     for wrong in (["--precision", "float16"], ["--amp"]):
         with pytest.raises(SystemExit):
             parser.parse_args([*command, *wrong])
+
+
+def _run_fuse_cli(folder, *args: str) -> subprocess.CompletedProcess:
+    """The installed CLI in a fresh process (logging, warnings and all), from a folder without
+    params.yaml: the package's defaults."""
+    import numpy as np
+    from PIL import Image
+
+    for name, seed in (("a.png", 0), ("b.png", 1)):
+        pixels = np.random.default_rng(seed).integers(0, 256, (32, 32), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name)
+    command = [sys.executable, "-m", "medfuse.cli", "fuse", *args, "a.png", "b.png"]
+    return subprocess.run(command, capture_output=True, text=True, cwd=folder, check=False)
+
+
+def test_fuse_names_a_model_file_of_random_bytes_in_one_line(tmp_path):
+    (tmp_path / "random.pt").write_bytes(b"\x17" + bytes(range(256)) * 16)
+    result = _run_fuse_cli(tmp_path, "--method", "wdualmine", "--model", "random.pt", "-o", "f.png")
+    assert result.returncode == 2 and not (tmp_path / "f.png").exists()
+    assert result.stderr == (
+        "medfuse fuse: error: random.pt: not a PyTorch checkpoint: its bytes are neither a zip "
+        "archive nor a pickle; expected weights written by torch.save, such as a training's "
+        "model.pt\n"
+    )
+
+
+def test_fuse_to_jpeg_writes_jpeg_and_warns_once_that_it_is_lossy(tmp_path):
+    result = _run_fuse_cli(tmp_path, "--method", "average", "-o", "fused.jpg")
+    assert result.returncode == 0 and result.stdout == "fused.jpg\n"
+    assert (tmp_path / "fused.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG, not PNG
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("WARNING ") and "fused.jpg: JPEG is lossy" in line
+    assert "compute metrics on a PNG" in line

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from medfuse.config import deep_merge, load_params, method_config, validate
 from medfuse.data.colour import luma_uint8, recolour
@@ -299,3 +300,166 @@ def test_fuse_logs_its_precision(fuse_params: dict, tmp_path: Path) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("CT-MRI").experiment_id])
     assert run.data.params["precision"] == "bfloat16"
     assert run.data.tags["precision"] == "bfloat16"
+
+
+# ---- `--model FILE` that is not this method's weights: one line saying what the file is ----
+
+
+class NotATensor:
+    """An object only a full (arbitrary-code) unpickling could load."""
+
+
+def _tensor_bytes_flipped(weights: Path) -> bytes:
+    """The weights file with one byte of its largest tensor changed (its CRC no longer fits)."""
+    import zipfile
+
+    with zipfile.ZipFile(weights) as archive:
+        member = max(archive.infolist(), key=lambda info: info.file_size)
+    data = bytearray(weights.read_bytes())
+    header = data[member.header_offset : member.header_offset + 30]  # the local file header
+    name_len = int.from_bytes(header[26:28], "little")
+    extra_len = int.from_bytes(header[28:30], "little")
+    data[member.header_offset + 30 + name_len + extra_len + member.file_size // 2] ^= 0xFF
+    return bytes(data)
+
+
+def _bad_model(kind: str, folder: Path, params: dict) -> Path:
+    """A --model file of one kind that is not usable weights of wdualmine."""
+    path = folder / f"{kind}.pt"
+    if kind in ("truncated", "corrupted"):
+        good = untrained_weights(params, "wdualmine", "CT-MRI", folder / "good")
+        data = good.read_bytes()
+        path.write_bytes(
+            data[: len(data) // 2] if kind == "truncated" else _tensor_bytes_flipped(good)
+        )
+    elif kind == "random":
+        path.write_bytes(b"\x17" + np.random.default_rng(0).bytes(4095))  # not PK, not a pickle
+    elif kind == "text":
+        path.write_text("these are not weights\n" * 20)
+    elif kind == "image":
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(path, format="PNG")
+    elif kind == "pickled":
+        torch.save({"model": NotATensor()}, path)
+    elif kind == "other-method":
+        torch.save({"w": torch.ones(3)}, path)
+    elif kind == "other-size":  # wdualmine, but wider than the configured network
+        config = deep_merge(method_config(params, "wdualmine"), {"model": {"widths": [8] * 4}})
+        torch.save(build_learned("wdualmine", config, "CT-MRI").state_dict(), path)
+    elif kind == "not-a-dict":
+        torch.save(torch.ones(3), path)
+    return path
+
+
+BAD_MODELS = {
+    "random": "not a PyTorch checkpoint: its bytes are neither a zip archive nor a pickle",
+    "text": "not a PyTorch checkpoint: it is a text file",
+    "image": "not a PyTorch checkpoint: it is a PNG image",
+    "truncated": "a truncated or corrupted PyTorch checkpoint: not a complete zip archive",
+    "corrupted": "a corrupted PyTorch checkpoint: '.*' fails its CRC check",
+    "pickled": r"refused: .* pickled Python objects \(tests\.test_fuse\.NotATensor\)",
+    "other-method": r"weights do not fit method 'wdualmine': (\d+) of the network's \1 tensors "
+    "are missing and 1 of the file's 1 are unknown to it",
+    "other-size": r"weights do not fit method 'wdualmine': '.*' is \(8, .*\) in the file but \(4, ",
+    "not-a-dict": "a PyTorch file holding a Tensor, not a state dict of weights",
+}
+
+
+def _fuse_cli(params: dict, folder: Path, *args: str) -> int:
+    """`medfuse fuse` in this process, with the test's data, store and tiny wdualmine."""
+    import yaml
+
+    from medfuse.cli import main
+
+    overlay = folder / "overlay.yaml"
+    keep = {key: params[key] for key in ("data", "tracking", "methods")}
+    overlay.write_text(yaml.safe_dump(keep))
+    base = ["fuse", "--params", str(REPO / "params.yaml"), "--overlay", str(QUICK)]
+    return main([*base, "--overlay", str(overlay), *args])
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_MODELS))
+def test_a_model_file_that_is_not_weights_is_named_in_one_line(
+    kind: str, fuse_params: dict, tmp_path: Path, make_pair, capsys: pytest.CaptureFixture
+) -> None:
+    import re
+
+    path_a, path_b = _write_pair(tmp_path, *make_pair(32, 0))
+    model = _bad_model(kind, tmp_path, fuse_params)
+    out = tmp_path / "out.png"
+    argv = ["--method", "wdualmine", "--model", str(model)]
+    # Any exception but a MedfuseError (a traceback for a user) propagates and fails the test.
+    code = _fuse_cli(fuse_params, tmp_path, *argv, str(path_a), str(path_b), "-o", str(out))
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    line = rf"^medfuse fuse: error: {re.escape(str(model))}: {BAD_MODELS[kind]}"
+    assert re.search(line, err), err
+
+
+# ---- `-o`: the format its suffix names, a folder, or one line listing the suffixes ----
+
+MAGIC = {"PNG": b"\x89PNG\r\n\x1a\n", "TIFF": (b"II*\x00", b"MM\x00*"), "JPEG": b"\xff\xd8\xff"}
+
+
+@pytest.mark.parametrize(
+    ("suffix", "image_type"),
+    [(".png", "PNG"), (".tif", "TIFF"), (".tiff", "TIFF"), (".jpg", "JPEG"), (".JPEG", "JPEG")],
+)
+def test_the_output_is_written_in_the_format_its_suffix_names(
+    suffix: str,
+    image_type: str,
+    fuse_params: dict,
+    tmp_path: Path,
+    make_pair,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a, b = make_pair(32, 0)
+    pet = np.stack([a, a // 2, 255 - a], axis=-1).astype(np.uint8)
+    path_a, path_b = _write_pair(tmp_path, pet, b)
+    reference = fuse_files(fuse_params, "average", path_a, path_b, tmp_path / "ref.png")
+    caplog.clear()
+    out = fuse_files(fuse_params, "average", path_a, path_b, tmp_path / f"fused{suffix}")
+    assert out == tmp_path / f"fused{suffix}"
+    assert out.read_bytes().startswith(MAGIC[image_type])
+    with Image.open(out) as image:
+        assert image.format == image_type
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    if image_type == "JPEG":  # lossy: close, not equal, and said so once
+        assert np.abs(read_image(out).astype(int) - read_image(reference)).mean() < 3
+        (warning,) = warnings
+        message = warning.getMessage()
+        assert "\n" not in message and str(out) in message
+        assert "lossy" in message and "PNG" in message
+    else:
+        np.testing.assert_array_equal(read_image(out), read_image(reference))
+        assert warnings == []
+
+
+@pytest.mark.parametrize("name", ["fused.xyz", "fused", "fused.bmp"])
+def test_an_output_suffix_of_no_supported_format_is_refused_before_any_work(
+    name: str, fuse_params: dict, tmp_path: Path, make_pair, capsys: pytest.CaptureFixture
+) -> None:
+    path_a, path_b = _write_pair(tmp_path, *make_pair(32, 0))
+    out = tmp_path / name
+    argv = ["--method", "wdualmine", "--model", str(tmp_path / "absent.pt")]
+    code = _fuse_cli(fuse_params, tmp_path, *argv, str(path_a), str(path_b), "-o", str(out))
+    err = capsys.readouterr().err
+    assert code == 2 and not out.exists()
+    assert err.count("\n") == 1 and f"{out}: " in err  # not the missing weights: checked first
+    assert err.endswith("; end the name with one of .png, .tif, .tiff, .jpg, .jpeg\n")
+
+
+def test_an_output_folder_receives_the_fused_image_named_after_a(
+    fuse_params: dict, tmp_path: Path, make_pair, capsys: pytest.CaptureFixture
+) -> None:
+    path_a, path_b = _write_pair(tmp_path, *make_pair(32, 0))
+    folder = tmp_path / "fused"
+    folder.mkdir()
+    code = _fuse_cli(
+        fuse_params, tmp_path, "--method", "dwt", str(path_a), str(path_b), "-o", str(folder)
+    )
+    written = folder / "a_fused.png"
+    assert code == 0 and capsys.readouterr().out == f"{written}\n"  # says where it went
+    with Image.open(written) as image:
+        assert image.format == "PNG"
+    assert [p.name for p in folder.iterdir()] == ["a_fused.png"]

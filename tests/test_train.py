@@ -419,3 +419,137 @@ def test_a_seeded_variant_trains_the_full_model_with_its_own_seed(
     assert meta["config"] == json.loads((tmp_path / "f" / META).read_text())["config"]
     a, b = load_checkpoint(seeded), load_checkpoint(full)
     assert any(not torch.equal(a[k], b[k]) for k in a)  # another seed, other weights
+
+
+# ---- one commit point for a trained model ----
+
+CRASH_POINTS = ["writing model.pt", "writing model.json", "the first rename", "the second rename"]
+
+
+def _crash_at(point: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make `save_weights` fail at `point` as a crash would (an OSError there)."""
+    import os
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("simulated crash")
+
+    if point == "writing model.pt":
+        monkeypatch.setattr(torch, "save", crash)
+    elif point == "writing model.json":
+        monkeypatch.setattr(Path, "write_text", crash)
+    else:
+        replace, calls = os.replace, []
+        fatal = 1 if point == "the first rename" else 2
+
+        def replace_until_fatal(src: object, dst: object) -> None:
+            calls.append(dst)
+            if len(calls) == fatal:
+                crash()
+            replace(src, dst)
+
+        monkeypatch.setattr(os, "replace", replace_until_fatal)
+
+
+@pytest.mark.parametrize("previous", [True, False], ids=["over-a-model", "first-model"])
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_a_crash_while_saving_never_leaves_weights_without_their_model_json(
+    point: str, previous: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medfuse.train import save_weights
+
+    out = tmp_path / "model"
+    old, new = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    if previous:
+        save_weights(out, old, {"run_id": "old"})
+    with monkeypatch.context() as patch:
+        _crash_at(point, patch)
+        with pytest.raises(OSError, match="simulated crash"):
+            save_weights(out, new, {"run_id": "new"})
+    left = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    assert left <= {WEIGHTS, META}  # no temporary file left either
+    if (out / WEIGHTS).exists():  # then it is the previous model, whole: its weights, its json
+        assert json.loads((out / META).read_text())["run_id"] == "old"
+        torch.testing.assert_close(load_checkpoint(out / WEIGHTS)["weight"], old.weight)
+    # else: the model is cleanly absent; a model.json alone is not a model to anything.
+    save_weights(out, new, {"run_id": "new"})  # and the next save completes
+    assert json.loads((out / META).read_text())["run_id"] == "new"
+    torch.testing.assert_close(load_checkpoint(out / WEIGHTS)["weight"], new.weight)
+
+
+# ---- no MLflow run left RUNNING by a training killed outright ----
+
+
+def _train_killed_outright(
+    params: dict, out: Path, at_step: int, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    """Train until step `at_step`, then die as SIGKILL would: no `finally` ends the MLflow run.
+    Returns the run it left RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    before = {run.info.run_id for run in _train_runs(params)}
+    original, calls = WDualmine.training_loss, []
+
+    def dies(self, a, b):
+        calls.append(1)
+        if len(calls) == at_step:
+            raise KeyboardInterrupt
+        return original(self, a, b)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(WDualmine, "training_loss", dies)
+        patch.setattr(MlflowClient, "set_terminated", lambda *args, **kwargs: None)
+        with pytest.raises(KeyboardInterrupt):
+            train_from_params(params, pair="CT-MRI", out_dir=out)
+    (run,) = [r for r in _train_runs(params) if r.info.run_id not in before]
+    assert run.info.status == "RUNNING"
+    return run.info.run_id
+
+
+def _train_runs(params: dict) -> list:
+    """Every run of the CT-MRI experiment (none before the first training)."""
+    client = client_for(params)
+    experiment = client.get_experiment_by_name("CT-MRI")
+    return [] if experiment is None else client.search_runs([experiment.experiment_id])
+
+
+def _status(params: dict, run_id: str) -> str:
+    return client_for(params).get_run(run_id).info.status
+
+
+def test_the_next_training_of_a_job_marks_the_run_a_killed_one_left_running_killed(
+    tiny_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    in_epoch_1 = _train_killed_outright(tiny_params, tmp_path / "x", 1, monkeypatch)
+    in_epoch_2 = _train_killed_outright(tiny_params, tmp_path / "y", 3, monkeypatch)
+    assert not (tmp_path / "x" / CHECKPOINT).exists() and (tmp_path / "y" / CHECKPOINT).exists()
+    client = client_for(tiny_params)
+    if "out_dir" in client.get_run(in_epoch_2).data.tags:  # as a run of older code: only its
+        client.delete_tag(in_epoch_2, "out_dir")  # checkpoint says it is this folder's
+
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "x")
+    assert _status(tiny_params, in_epoch_1) == "KILLED"  # found by its job and folder
+    assert _status(tiny_params, in_epoch_2) == "RUNNING"  # another folder's run: left alone
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "y")
+    assert _status(tiny_params, in_epoch_2) == "KILLED"  # found through the checkpoint
+    statuses = sorted(run.info.status for run in _train_runs(tiny_params))
+    assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]
+
+
+def test_resuming_a_run_a_killed_training_left_running_marks_it_killed_first(
+    tiny_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    run_id = _train_killed_outright(tiny_params, tmp_path / "m", 3, monkeypatch)
+    ended: list[tuple[str, str]] = []
+    set_terminated = MlflowClient.set_terminated
+
+    def recorded(self, run, status=None, end_time=None):
+        ended.append((run, status))
+        return set_terminated(self, run, status=status, end_time=end_time)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", recorded)
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "m", resume=True)
+    assert ended == [(run_id, "KILLED"), (run_id, "FINISHED")]  # killed, reopened, finished
+    client = client_for(tiny_params)
+    assert [m.step for m in client.get_metric_history(run_id, "loss/total")] == [1, 2]

@@ -5,7 +5,9 @@ Two uses:
   <name>.png is what a user sees (RGB for PET/SPECT: the fused luma put back with the functional
   image's Cb/Cr; grey for CT) and y/<name>.png the grey fused luma the metrics read.
 - `A.png B.png -o OUT.png`: any registered pair given by the user (A grey or RGB functional/CT,
-  B the MRI); an RGB A is fused through its luma and recoloured.
+  B the MRI); an RGB A is fused through its luma and recoloured. OUT's suffix names the format
+  (.png, .tif/.tiff, or .jpg/.jpeg with a warning that JPEG is lossy); an existing folder as OUT
+  receives <A's stem>_fused.png.
 
 Classical methods build a `Fuser`; learned ones load their trained weights into the network the
 registry builds and run it in `train.precision` (or `--precision`); `published` methods copy the
@@ -25,12 +27,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from medfuse.config import canonical_method, method_config
 from medfuse.data.colour import luma_uint8, recolour
 from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
-from medfuse.io import atomic_path, read_image, to_uint8, write_image
+from medfuse.io import LOSSY_FORMATS, atomic_path, image_format, read_image, to_uint8, write_image
 from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import Fuser
 from medfuse.methods.registry import build_method
@@ -87,6 +90,11 @@ def load_learned(
 ) -> NetFuser:
     """The network the weights were trained as (config from model.json when present)."""
     state = load_checkpoint(weights, map_location=device)
+    if not isinstance(state, Mapping):
+        raise DataError(
+            f"{weights}: a PyTorch file holding a {type(state).__name__}, not a state dict of "
+            f"weights for method {method!r}"
+        )
     if "model" in state and "epoch" in state:  # a training checkpoint carries its own meta
         meta = {k: state[k] for k in ("method", "pair", "config") if k in state}
         state = state["model"]
@@ -98,12 +106,39 @@ def load_learned(
     net = build_learned(
         method, json.loads(saved) if isinstance(saved, str) else saved, meta.get("pair", pair)
     )
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise DataError(f"{weights}: weights do not fit method {method!r} ({first})") from exc
+    misfit = _misfit(net, state)
+    if misfit is None:
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            misfit = str(exc).strip().splitlines()[0]
+    if misfit is not None:
+        raise DataError(f"{weights}: weights do not fit method {method!r}: {misfit}")
     return NetFuser(method, net, device, precision)
+
+
+def _misfit(net: torch.nn.Module, state: Mapping[str, Any]) -> str | None:
+    """Why `state` is not a state dict of `net`, in one line (torch's own message spans many
+    lines and names every tensor); None when it fits."""
+    not_tensors = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
+    if not_tensors:
+        return f"the file holds a dict, but not of tensors (e.g. {not_tensors[0]!r})"
+    expected = net.state_dict()
+    unknown = [name for name in state if name not in expected]
+    missing = [name for name in expected if name not in state]
+    if unknown or missing:
+        return (
+            f"{len(missing)} of the network's {len(expected)} tensors are missing and "
+            f"{len(unknown)} of the file's {len(state)} are unknown to it (e.g. "
+            f"{(unknown or missing)[0]!r}); weights of another method or model size?"
+        )
+    for name, value in state.items():
+        if value.shape != expected[name].shape:
+            return (
+                f"{name!r} is {tuple(value.shape)} in the file but {tuple(expected[name].shape)} "
+                "in the network; trained with other model settings?"
+            )
+    return None
 
 
 def load_fuser(
@@ -241,7 +276,9 @@ def fuse_files(
     pair: str | None = None,
     precision: str | None = None,
 ) -> Path:
-    """Fuse one user-given registered pair; A may be grey or RGB (fused through its luma)."""
+    """Fuse one user-given registered pair; A may be grey or RGB (fused through its luma).
+    Returns the file written: `out`, or <out>/<A's stem>_fused.png when `out` is a folder."""
+    out = fused_file_path(Path(out), Path(path_a))
     a_image = read_image(path_a)
     b = read_image(path_b, mode="L")
     a_rgb = None
@@ -259,7 +296,25 @@ def fuse_files(
         )
     fuser = load_fuser(params, method, variant, pair, model_path, device, precision)
     fused_y = to_uint8(fuser.fuse(a / 255.0, b / 255.0))
-    write_image(out, recolour(fused_y, a_rgb) if a_rgb is not None else fused_y)
+    try:
+        write_image(out, recolour(fused_y, a_rgb) if a_rgb is not None else fused_y)
+    except OSError as exc:  # no permission, a file where a folder should be, a full disk
+        raise DataError(f"{out}: cannot write the fused image ({exc.strerror or exc})") from exc
+    return out
+
+
+def fused_file_path(out: Path, path_a: Path) -> Path:
+    """The file `-o` names, checked before any work: an existing folder means "into it", as
+    for cp (<folder>/<A's stem>_fused.png); the suffix must name a format `write_image` writes
+    (a JPEG is written, with a warning that it is lossy)."""
+    if out.is_dir():
+        out = out / f"{path_a.stem}_fused.png"
+    if image_format(out) in LOSSY_FORMATS:
+        log.warning(
+            "%s: JPEG is lossy, so the file is not the exact fused image; compute metrics on a "
+            "PNG (-o NAME.png)",
+            out,
+        )
     return out
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from medfuse.errors import DataError
+from medfuse.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +77,34 @@ def write_text_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+# The formats `write_image` writes, by suffix: the bytes always match the name.
+IMAGE_FORMATS = {".png": "PNG", ".tif": "TIFF", ".tiff": "TIFF", ".jpg": "JPEG", ".jpeg": "JPEG"}
+LOSSY_FORMATS = frozenset({"JPEG"})
+# JPEG at its best: quality 95 and no chroma subsampling (a recoloured PET keeps sharp colour).
+_SAVE_OPTIONS: dict[str, dict[str, int]] = {"JPEG": {"quality": 95, "subsampling": 0}}
+
+
+def image_format(path: str | Path) -> str:
+    """The PIL format `path`'s suffix names (PNG, TIFF or JPEG); any other is a ConfigError."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        problem = (
+            f"{suffix!r} is not an image format medfuse writes"
+            if suffix
+            else "no suffix names the image format"
+        )
+        raise ConfigError(f"{path}: {problem}; end the name with one of {', '.join(IMAGE_FORMATS)}")
+    return IMAGE_FORMATS[suffix]
+
+
 def write_image(path: str | Path, array: np.ndarray) -> None:
-    """Write a uint8 grey (H, W) or RGB (H, W, 3) array as PNG, atomically."""
+    """Write a uint8 grey (H, W) or RGB (H, W, 3) array atomically, in the format its suffix
+    names (`IMAGE_FORMATS`); the temporary name's own suffix is .part, so it is passed."""
     if array.dtype != np.uint8:
         raise TypeError(f"{path}: expected a uint8 array, got {array.dtype}")
+    image_type = image_format(path)
     with atomic_path(path) as tmp:
-        Image.fromarray(array).save(tmp, format="PNG")
+        Image.fromarray(array).save(tmp, format=image_type, **_SAVE_OPTIONS.get(image_type, {}))
 
 
 def to_uint8(image01: np.ndarray) -> np.ndarray:

@@ -371,3 +371,38 @@ def list_runs(params: Mapping[str, Any]) -> Any:
             }
         )
     return pd.DataFrame(rows)
+
+
+def end_stale_runs(
+    params: Mapping[str, Any], pair: str, tags: Mapping[str, str], run_ids: tuple[str, ...] = ()
+) -> list[str]:
+    """Mark KILLED the runs that a process killed outright left RUNNING (its `finally` never
+    ran): those in `pair`'s experiment whose tags include all of `tags`, and those of `run_ids`
+    that are still RUNNING; return their ids. The caller vouches that no live process owns them."""
+    from mlflow.exceptions import MlflowException
+
+    uri = init_store(params)
+    client = _client(uri)
+    with mlflow_errors(uri, f"end stale runs in experiment {pair!r}"):
+        experiment = client.get_experiment_by_name(pair)
+        found = []
+        if experiment is not None:
+            running = "attributes.status = 'RUNNING'"
+            found = list(client.search_runs([experiment.experiment_id], filter_string=running))
+        for run_id in run_ids:
+            try:
+                found.append(client.get_run(run_id))
+            except MlflowException as exc:  # not in this store (e.g. the store was replaced)
+                if getattr(exc, "error_code", "") != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+        stale = sorted(
+            {
+                run.info.run_id
+                for run in found
+                if run.info.status == "RUNNING"
+                and (run.info.run_id in run_ids or tags.items() <= run.data.tags.items())
+            }
+        )
+        for run_id in stale:
+            client.set_terminated(run_id, status="KILLED")
+    return stale

@@ -4,7 +4,12 @@ It needs only a `FusionNet`'s `training_loss(a, b)` (see `medfuse.methods.base`)
 and the peers train the same way. A checkpoint after every epoch holds the model, optimiser and
 every random state, so `--resume` after a crash gives the same weights as an uninterrupted run
 (on CPU, where kernels are deterministic), in float32 and in bfloat16 alike. Checkpoints are read
-with `weights_only=True`: a file that would need arbitrary unpickling is refused.
+with `weights_only=True`: a file that would need arbitrary unpickling is refused, and one that is
+no sound PyTorch file (text, an image, a cut-short or damaged archive) is named as what it is.
+
+A trained model is model.json plus model.pt, and model.pt's rename is its one commit point (see
+`save_weights`). A training killed outright leaves its MLflow run RUNNING; the next training of
+the same job into the same folder marks that run KILLED (see `end_killed_runs`).
 
 `train.precision` (see `medfuse.precision`) picks float32 or bfloat16 autocast; parameters,
 optimiser state and checkpoints are float32 either way.
@@ -18,6 +23,7 @@ import logging
 import pickle
 import random
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -184,19 +190,115 @@ def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint or weights file with `weights_only=True`; anything else is refused."""
+    """Load a checkpoint or weights file with `weights_only=True`; anything else is refused,
+    with one line saying what the file is instead (see `_check_torch_file`)."""
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found")
+    _check_torch_file(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # its advice on pickle protocols is a second line
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(_unpickling_problem(path, exc)) from exc
+    except EOFError as exc:
+        raise DataError(f"{path}: a truncated PyTorch file: it ends too early") from exc
+    except Exception as exc:  # the weights-only unpickler fails on damaged bytes in any way
+        raise DataError(f"{path}: a corrupted PyTorch file: {_first_line(exc)}") from exc
+
+
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # torch.save's default format is a zip archive
+# Older torch.save files (and other pickles) start with a pickle PROTO opcode (protocol 2-5).
+_PICKLE_PROTO = tuple(bytes([0x80, n]) for n in range(2, 6))
+_EXPECTED = "expected weights written by torch.save, such as a training's model.pt"
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _check_torch_file(path: Path) -> None:
+    """Refuse, before torch reads it, a file that is no PyTorch file at all (text, an image,
+    random bytes: torch.load's errors for them are tracebacks or misleading) or a zip archive
+    that is cut short, damaged or not a weights file."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096)
+    if head.startswith(_ZIP_MAGIC):
+        _check_torch_zip(path)
+    elif not head.startswith(_PICKLE_PROTO):
+        what = _describe_bytes(path, head)
+        raise DataError(f"{path}: not a PyTorch checkpoint: {what}; {_EXPECTED}")
+
+
+def _describe_bytes(path: Path, head: bytes) -> str:
+    """What a file that is not a PyTorch file looks like, in a few words."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not head:
+        return "the file is empty"
+    try:
+        with Image.open(path) as image:
+            return f"it is a {image.format} image"
+    except (UnidentifiedImageError, OSError, ValueError):
+        pass
+    if _looks_like_text(head):
+        return "it is a text file"
+    return "its bytes are neither a zip archive nor a pickle"
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """UTF-8 without NUL bytes (a character cut off at the end of the sample still counts)."""
+    if b"\0" in head:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(head) - 3
+    return True
+
+
+def _check_torch_zip(path: Path) -> None:
+    """A zip archive must be complete, pass its CRC checks and hold a torch.save data.pkl."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            damaged = archive.testzip()  # torch itself does not check the CRCs
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise DataError(
-            f"{path}: refused: not a weights-only checkpoint (it holds pickled Python objects; "
-            f"loading it could run arbitrary code): {reason}"
+            f"{path}: a truncated or corrupted PyTorch checkpoint: not a complete zip archive "
+            f"({_first_line(exc)}); an interrupted save or copy? save or copy it again"
         ) from exc
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read checkpoint ({exc})") from exc
+    if damaged is not None:
+        raise DataError(
+            f"{path}: a corrupted PyTorch checkpoint: {damaged!r} fails its CRC check; "
+            "save or copy it again"
+        )
+    if any(name.endswith("/constants.pkl") for name in names):
+        raise DataError(
+            f"{path}: a TorchScript module, not a weights checkpoint; save the model's "
+            "state_dict() with torch.save"
+        )
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise DataError(
+            f"{path}: not a PyTorch checkpoint: a zip archive of other files; {_EXPECTED}"
+        )
+
+
+def _unpickling_problem(path: Path, exc: pickle.UnpicklingError) -> str:
+    """A pickled object outside the weights-only allow-list is refused; any other unpickling
+    failure means a pickle torch.save did not write, or damaged bytes."""
+    text = str(exc)
+    marker = "Unsupported global: GLOBAL "
+    if marker in text:
+        name = text[text.index(marker) + len(marker) :].split()[0]
+        return (
+            f"{path}: refused: not a weights-only checkpoint: it holds pickled Python objects "
+            f"({name}) and unpickling them could run arbitrary code; save a state_dict() instead"
+        )
+    return f"{path}: a corrupted PyTorch file, or a pickle not written by torch.save; {_EXPECTED}"
 
 
 # ---- the loop ----
@@ -369,17 +471,19 @@ def train_from_params(
         start_epoch, run_id = _resume(checkpoint_path, key, trainer, s.device)
     elif resume:
         log.warning("%s: no checkpoint to resume from; starting at epoch 1", checkpoint_path)
+    job = {"step": "train", "method": method, "pair": pair, "variant": variant}
+    job_tags = {**job, "out_dir": str(out.resolve())}
+    end_killed_runs(params, job_tags, run_id or _checkpoint_run_id(checkpoint_path))
 
-    with start_run(
-        params, step="train", method=method, pair=pair, variant=variant, run_id=run_id
-    ) as run:
-        if run_id is None:
+    with start_run(params, **job, run_id=run_id) as run:
+        if run.run_id != run_id:  # a new run (also when the checkpoint's is not in the store)
             run.log_params(_settings_params(s, method, pair, variant))
             run.set_tags(
                 {
                     "device": s.device,
                     "precision": s.precision,
                     "parameters": parameter_count(model),
+                    "out_dir": job_tags["out_dir"],
                 }
             )
         for epoch in range(start_epoch, s.epochs):
@@ -398,6 +502,30 @@ def train_from_params(
         if samples_dir is not None:
             run.log_artifacts(samples_dir, "samples")
     return weights
+
+
+def _checkpoint_run_id(path: Path) -> str | None:
+    """The MLflow run of the checkpoint in `path`, if one is there and can be read."""
+    if not path.is_file():
+        return None
+    try:
+        return load_checkpoint(path).get("run_id")
+    except DataError:  # a fresh start overwrites an unreadable checkpoint anyway
+        return None
+
+
+def end_killed_runs(
+    params: Mapping[str, Any], job_tags: Mapping[str, str], run_id: str | None
+) -> None:
+    """A training killed outright (SIGKILL, out of memory, a cluster's time limit, a power cut)
+    never ends its MLflow run, which would show RUNNING forever. One process trains into a
+    folder at a time, so before this one starts, the runs still RUNNING of the same job and
+    folder (`job_tags`), and `run_id` (the checkpoint's run), are marked KILLED."""
+    from medfuse.tracking import end_stale_runs
+
+    ended = end_stale_runs(params, job_tags["pair"], job_tags, (run_id,) if run_id else ())
+    for stale in ended:
+        log.warning("MLflow run %s of a killed training of this job: marked KILLED", stale)
 
 
 def append_history(path: Path, epoch: int, stats: Mapping[str, float]) -> None:
@@ -419,12 +547,17 @@ def _format_stats(stats: Mapping[str, float]) -> str:
 
 
 def save_weights(out: Path, model: torch.nn.Module, meta: Mapping[str, Any]) -> Path:
-    """model.pt (a plain state_dict) and model.json (what built it), both written atomically."""
+    """model.json (what built the weights) and model.pt (a plain state_dict), committed by
+    model.pt's rename, which comes last: model.pt is what Snakemake, DVC and `fuse` take as
+    "the model exists", so a crash at any point leaves the previous complete pair or no
+    model.pt, never weights without (or with another run's) model.json."""
     weights = out / WEIGHTS
-    with atomic_path(weights) as tmp:
-        torch.save(model.state_dict(), tmp)
     info = {**meta, "parameters": parameter_count(model), "torch": torch.__version__}
-    write_text_atomic(out / META, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    # Exit order: the inner block renames model.json first, then the outer one model.pt.
+    with atomic_path(weights) as weights_tmp, atomic_path(out / META) as meta_tmp:
+        torch.save(model.state_dict(), weights_tmp)
+        meta_tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        weights.unlink(missing_ok=True)  # the old weights must not pair with the new model.json
     return weights
 
 
