@@ -321,6 +321,10 @@ def _cli_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("MEDFUSE_", "MLFLOW_"))}
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("mode", ["503", "hang"])
 def test_ctrl_c_stops_a_retrying_download_at_once_with_exit_130(tmp_path, repo_root, mode):
     """SIGINT while the workers sleep in a 30 s back-off (503s), or are blocked in a read with
@@ -343,7 +347,14 @@ def test_ctrl_c_stops_a_retrying_download_at_once_with_exit_130(tmp_path, repo_r
     command = [sys.executable, "-m", "medfuse.cli", "download", "--source", url, "--out", str(out)]
     command += ["--params", str(repo_root / "params.yaml"), "--overlay", str(overlay)]
     proc = subprocess.Popen(
-        command, cwd=tmp_path, env=_cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        command,
+        cwd=tmp_path,
+        env=_cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # A shell's background job (CI may be one) inherits SIGINT ignored, and Python then
+        # installs no KeyboardInterrupt handler: give the command a terminal user's default.
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 30
