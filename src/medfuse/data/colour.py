@@ -52,3 +52,56 @@ def rgb2gray_matlab(rgb: np.ndarray) -> np.ndarray:
         return array.astype(np.uint8)
     weights = np.array([0.298936021293775, 0.587043074451121, 0.114020904255103])
     return np.clip(np.rint(array[..., :3].astype(np.float64) @ weights), 0, 255).astype(np.uint8)
+
+
+def luma_pil(rgb: np.ndarray) -> np.ndarray:
+    """PIL's `Image.convert("L")` of an 8-bit RGB image: BT.601 weights in 16-bit fixed point,
+    (19595 R + 38470 G + 7471 B + 2^15) >> 16. MMIF-AMIN's authors read their functional
+    images this way; it differs from `luma_uint8` by one level on a few pixels."""
+    array = np.asarray(rgb)
+    if array.ndim == 2:
+        return array.astype(np.uint8)
+    r, g, b = (array[..., i].astype(np.int64) for i in range(3))
+    return ((19595 * r + 38470 * g + 7471 * b + (1 << 15)) >> 16).astype(np.uint8)
+
+
+# OpenCV's 8-bit BGR <-> YUV (cv2.COLOR_BGR2YUV / COLOR_YUV2BGR), restated in numpy because
+# OpenCV is a large dependency for two integer formulas. It is analogue YUV (U = 0.492 (B - Y),
+# V = 0.877 (R - Y)), not YCbCr, in 14-bit fixed point, each step rounded half up
+# (x + 2^13) >> 14 and saturated to 0..255 (OpenCV's CV_DESCALE and saturate_cast).
+_CV_SHIFT = 14
+_CV_Y = (4899, 9617, 1868)  # 0.299, 0.587, 0.114 of R, G, B
+_CV_U, _CV_V = 8061, 14369  # 0.492, 0.877
+_CV_U2B, _CV_U2G, _CV_V2G, _CV_V2R = 33292, -6472, -9519, 18678  # 2.032, -0.395, -0.581, 1.140
+
+
+def _descale(x: np.ndarray) -> np.ndarray:
+    return (x + (1 << (_CV_SHIFT - 1))) >> _CV_SHIFT
+
+
+def rgb_to_yuv_opencv(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB (H, W, 3) -> uint8 Y, U, V (H, W, 3), as OpenCV's BGR2YUV of the same pixels."""
+    r, g, b = (np.asarray(rgb)[..., i].astype(np.int64) for i in range(3))
+    y = _descale(_CV_Y[0] * r + _CV_Y[1] * g + _CV_Y[2] * b)
+    half = 128 << _CV_SHIFT
+    u = _descale((b - y) * _CV_U + half)
+    v = _descale((r - y) * _CV_V + half)
+    return np.clip(np.stack([y, u, v], axis=-1), 0, 255).astype(np.uint8)
+
+
+def yuv_to_rgb_opencv(yuv: np.ndarray) -> np.ndarray:
+    """uint8 Y, U, V (H, W, 3) -> uint8 RGB, as OpenCV's YUV2BGR (channels reordered)."""
+    y, u, v = (np.asarray(yuv)[..., i].astype(np.int64) for i in range(3))
+    u, v = u - 128, v - 128
+    r = y + _descale(v * _CV_V2R)
+    g = y + _descale(u * _CV_U2G + v * _CV_V2G)
+    b = y + _descale(u * _CV_U2B)
+    return np.clip(np.stack([r, g, b], axis=-1), 0, 255).astype(np.uint8)
+
+
+def recolour_opencv_yuv(fused_y: np.ndarray, functional_rgb: np.ndarray) -> np.ndarray:
+    """Put a uint8 fused luma into the Y of the functional image's OpenCV YUV and convert back
+    (MMIF-AMIN's authors' recolouring)."""
+    yuv = rgb_to_yuv_opencv(functional_rgb)
+    yuv[..., 0] = np.asarray(fused_y, dtype=np.uint8)
+    return yuv_to_rgb_opencv(yuv)
