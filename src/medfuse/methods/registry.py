@@ -14,7 +14,8 @@ from typing import Any
 
 from medfuse.errors import ConfigError
 
-# name -> "module:factory". One place lists every method the project knows.
+# name -> "module:factory". One place lists every method the project knows, and the stages of
+# a multi-stage method that are trained on their own ("<method>:<stage>", never fused with).
 _FACTORIES: dict[str, str] = {
     "average": "medfuse.methods.classical:AverageFusion",
     "max": "medfuse.methods.classical:MaxFusion",
@@ -23,16 +24,20 @@ _FACTORIES: dict[str, str] = {
     "wdualmine": "medfuse.methods.wdualmine:build",
     "asfe-fusion": "medfuse.methods.asfe_fusion:build",
     "adafuse": "medfuse.methods.adafuse:build",
+    "mmif-amin": "medfuse.methods.mmif_amin:build",
+    "dm-fnet:stage1": "medfuse.methods.dm_fnet:build_unet",  # its first stage (medfuse.train)
+    "dm-fnet": "medfuse.methods.dm_fnet:build",
 }
 
 
 def method_names() -> list[str]:
-    return sorted(_FACTORIES)
+    """The methods that fuse (not their separately trained stages)."""
+    return sorted(name for name in _FACTORIES if ":" not in name)
 
 
 def _resolve(name: str) -> Callable[..., Any]:
     if name not in _FACTORIES:
-        raise ConfigError(f"unknown method {name!r}; known: {', '.join(method_names())}")
+        raise ConfigError(f"unknown method {name!r}; known: {', '.join(sorted(_FACTORIES))}")
     module_name, attr = _FACTORIES[name].split(":")
     return getattr(importlib.import_module(module_name), attr)
 
