@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -212,11 +214,11 @@ def test_schema_lists_exactly_the_settings_the_code_reads():
 
     from medfuse.config import SCHEMA_PATH
     from medfuse.data.dataset import Augment
-    from medfuse.losses import LossWeights
     from medfuse.methods.adafuse import AdaFuseConfig
     from medfuse.methods.asfe_fusion import ASFEConfig, LossConfig
     from medfuse.methods.classical import DWTFusion, LaplacianFusion
     from medfuse.methods.wdualmine import WDualmineConfig
+    from medfuse.methods.wdualmine_losses import LossWeights
 
     defs = yaml.safe_load(SCHEMA_PATH.read_text())["$defs"]
 
@@ -252,3 +254,55 @@ def test_cli_bad_overlay_is_one_line_and_exit_2(tmp_path, repo_root, capsys):
     assert err.strip().endswith(
         "methods.wdualmine.optim: unknown key 'learning_rate' (did you mean 'lr'?)"
     )
+
+
+def test_paths_are_relative_to_the_params_file_when_run_elsewhere(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("MEDFUSE_PARAMS_OVERLAY", raising=False)
+    monkeypatch.chdir(repo_root)
+    here = load_params(repo_root / "params.yaml")
+    assert here["data"]["prepare"]["out_dir"] == "data/prepared"  # unchanged for the tools
+    assert here["tracking"]["uri"] == "sqlite:///mlflow.db"
+    monkeypatch.chdir(tmp_path)
+    elsewhere = load_params(repo_root / "params.yaml")
+    assert elsewhere["data"]["prepare"]["out_dir"] == str(repo_root / "data/prepared")
+    assert elsewhere["data"]["datasets"]["aanlib"]["manifest"] == str(
+        repo_root / "data/manifests/aanlib.tsv"
+    )
+    assert elsewhere["data"]["datasets"]["aanlib"]["base_url"].startswith("https://")
+    assert elsewhere["tracking"]["uri"] == f"sqlite:///{repo_root / 'mlflow.db'}"
+
+
+def test_a_command_run_elsewhere_says_where_it_looked(
+    repo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--params` from another folder reads the project's prepared data, and the error for a
+    missing one names the project's path, not the current folder's."""
+    import subprocess
+
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(repo_root / "params.yaml", project / "params.yaml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDFUSE_", "MLFLOW_"))}
+    result = subprocess.run(
+        [
+            "medfuse",
+            "evaluate",
+            "--params",
+            str(project / "params.yaml"),
+            "--pair",
+            "CT-MRI",
+            "--fused",
+            "results/fused/dwt/CT-MRI/full",
+        ],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert str(project / "data" / "prepared") in result.stderr

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medfuse.errors import ConfigError
-from medfuse.losses import (
+from medfuse.methods.wdualmine_losses import (
     LossWeights,
     ReconstructionHeads,
     correlation,

@@ -180,3 +180,17 @@ def test_fmi_note_sets_each_published_peer_beside_the_paper():
     assert "ASFE-Fusion 0.4200 ± 0.0000 (paper 0.4066 ± 0.0180)" in note
     assert "AdaFuse 0.4200 ± 0.0000 (paper 0.4343 ± 0.0170)" in note
     assert _fmi_note(_per_pair("wdualmine", "CT-MRI", "full", 4.3)) == ""
+
+
+def test_the_report_summarises_test_pairs_as_the_evaluation_files_do() -> None:
+    """One mean ± std (issue 15, item 12): the report's cells are the evaluation summary's,
+    the same ddof, and an undefined pair score is n/a in both rather than skipped by one."""
+    from medfuse.metrics.evaluate import summarise
+
+    per_pair = pd.DataFrame(
+        {"name": ["1", "2", "3"], "EN": [5.0, 6.0, 7.0], "MI": [1.0, np.nan, 2.0]}
+    )
+    evaluation = summarise(per_pair, ddof=1)
+    report = tables._ours(per_pair, ["EN", "MI"], ddof=1)
+    assert report["EN"] == tuple(evaluation.loc["EN"]) == (6.0, 1.0)
+    assert np.isnan(report["MI"][0]) and np.isnan(evaluation.loc["MI", "mean"])

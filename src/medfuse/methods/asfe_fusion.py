@@ -266,17 +266,12 @@ def build(
     return ASFEFusionNet(config, FusionLoss(loss_config))
 
 
-def parameter_count(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
-
-
 __all__ = [
     "ASFEConfig",
     "ASFEFusionNet",
     "FusionLoss",
     "LossConfig",
     "build",
-    "parameter_count",
     "ssim",
     "structure_tensor",
 ]

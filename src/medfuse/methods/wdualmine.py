@@ -30,16 +30,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfuse.errors import ConfigError
-from medfuse.losses import (
-    LossWeights,
-    ProjectionHead,
-    ReconstructionHeads,
-    infonce_pair,
-    l_avg,
-    l_cc,
-    l_grad,
-    l_rec,
-)
 from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import (
     ECA,
@@ -51,6 +41,16 @@ from medfuse.methods.blocks import (
     lerp,
     pad_to_multiple,
     sobel_magnitude,
+)
+from medfuse.methods.wdualmine_losses import (
+    LossWeights,
+    ProjectionHead,
+    ReconstructionHeads,
+    infonce_pair,
+    l_avg,
+    l_cc,
+    l_grad,
+    l_rec,
 )
 from medfuse.precision import to_autocast_dtype
 

@@ -1,18 +1,12 @@
-"""Summaries and paired statistics over the test pairs of one modality pair."""
+"""Paired statistics over the test pairs of one modality pair (the summary, mean ± std, is
+`medfuse.metrics.evaluate.mean_std`)."""
 
 from __future__ import annotations
 
 import warnings
 
 import numpy as np
-import pandas as pd
 from scipy import stats
-
-
-def summarise(values: pd.Series, ddof: int = 0) -> tuple[float, float]:
-    """Mean and standard deviation (population by default, as the paper's tables)."""
-    finite = values.astype(float)
-    return float(finite.mean()), float(finite.std(ddof=ddof))
 
 
 def rank_biserial(differences: np.ndarray) -> float:

@@ -18,7 +18,8 @@ import yaml
 
 from medfuse.config import split_seed
 from medfuse.io import write_text_atomic
-from medfuse.report.stats import paired_test, summarise
+from medfuse.metrics.evaluate import mean_std
+from medfuse.report.stats import paired_test
 
 KEYS = ["method", "pair", "variant", "name"]
 REFERENCE_METHOD = "wdualmine"
@@ -41,7 +42,7 @@ def _fmt(mean: float, std: float | None = None, digits: int = 4) -> str:
 
 
 def _ours(rows: pd.DataFrame, metrics: list[str], ddof: int) -> dict[str, tuple[float, float]]:
-    return {m: summarise(rows[m], ddof) for m in metrics if m in rows}
+    return {m: mean_std(rows[m], ddof) for m in metrics if m in rows}
 
 
 def comparison_table(
@@ -123,7 +124,7 @@ def seed_spread_table(per_pair: pd.DataFrame, ddof: int = 0) -> pd.DataFrame:
             row |= {
                 f"{m}_mean": per_seed[m].mean(),
                 f"{m}_std_over_seeds": per_seed[m].std(ddof=1),
-                f"{m}_std_over_pairs": summarise(main[m], ddof)[1] if not main.empty else np.nan,
+                f"{m}_std_over_pairs": mean_std(main[m], ddof)[1] if not main.empty else np.nan,
             }
         rows.append(row)
     return pd.DataFrame(rows)
@@ -201,7 +202,7 @@ def extra_metrics_markdown(per_pair: pd.DataFrame, pair: str, ddof: int = 0) -> 
     lines = [f"### All metrics, {pair}", "", "| method | " + " | ".join(metrics) + " |"]
     lines.append("|---" * (len(metrics) + 1) + "|")
     for method, group in subset.groupby("method"):
-        cells = [_fmt(*summarise(group[m], ddof), digits=3) for m in metrics]
+        cells = [_fmt(*mean_std(group[m], ddof), digits=3) for m in metrics]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join([*lines, ""])
 
