@@ -6,6 +6,8 @@ for the learned methods in float32 and in bfloat16 (autocast) side by side.
     python benchmarks/bench_models.py --methods wdualmine --precisions float32
     python benchmarks/bench_models.py --train-methods wdualmine asfe-fusion   # peers: slow
     python benchmarks/bench_models.py --overlay workflow/profiles/quick/params.yaml
+    python benchmarks/bench_models.py --methods mmif-amin dm-fnet dm-fnet:stage1 \
+        --train-methods mmif-amin dm-fnet dm-fnet:stage1 --precisions float32 --threads 1
 
 Each (method, precision) runs in its own subprocess so its peak memory is its own; a learned
 method's float32 and bfloat16 runs follow each other, and a line gives the float32/bfloat16
@@ -14,7 +16,10 @@ apart. Figures are printed with the machine's load average (`os.getloadavg`) tak
 measurement: on a shared machine a timing means little without it. The CT-MRI epoch estimate
 multiplies the measured seconds per training step by the steps of one paper-profile epoch (160
 train pairs / batch size). Only W-DUALMINE's training is timed by default: one step of a peer
-takes 20-35 s on 2 CPU cores.
+takes 20-35 s on 2 CPU cores. A training step uses the method's own crop size
+(`methods.<m>.train.image_size`, else `train.image_size`; whole `--size` images when null).
+A separately trained stage is named `<method>:stage1` (DM-FNet's diffusion U-Net): it is
+benchmarked for training only, since it does not fuse.
 """
 
 from __future__ import annotations
@@ -120,9 +125,10 @@ def bench_training(
     import torch
 
     batch = args.batch or int(config.get("optim", {}).get("batch_size", 8))
+    size = args.train_size
     g = torch.Generator().manual_seed(1)
-    a = torch.rand(batch, 1, args.size, args.size, generator=g).to(args.device)
-    b = torch.rand(batch, 1, args.size, args.size, generator=g).to(args.device)
+    a = torch.rand(batch, 1, size, size, generator=g).to(args.device)
+    b = torch.rand(batch, 1, size, size, generator=g).to(args.device)
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=1e-5)
     losses: list[float] = []
@@ -141,6 +147,7 @@ def bench_training(
     s_step = statistics.median(times)
     result.update(
         batch=batch,
+        train_size=size,
         train_s_per_step=s_step,
         train_s_per_step_min=min(times),
         train_cpu_s_per_step=statistics.median(cpu),
@@ -157,22 +164,26 @@ def bench_training(
 def bench_learned(name: str, config: dict, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
+    from medfuse.models import build_learned
     from medfuse.precision import autocast
-    from medfuse.train import build_learned
 
     device = args.device
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     torch.manual_seed(0)
     model = build_learned(name, config, "CT-MRI").to(device)
-    result: dict[str, Any] = {"parameters": sum(p.numel() for p in model.parameters())}
-    a1, b1 = (t.to(device) for t in smooth_pair(args.size))
-    model.eval()
-    result.update(count_macs(model, a1, b1))
+    result: dict[str, Any] = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
 
     def ctx() -> Any:
         return autocast(args.precision, device)
 
-    result.update(bench_inference(model, args, ctx, sync))
+    if ":" not in name:  # a separately trained stage does not fuse
+        a1, b1 = (t.to(device) for t in smooth_pair(args.size))
+        model.eval()
+        result.update(count_macs(model, a1, b1))
+        result.update(bench_inference(model, args, ctx, sync))
     if args.train_steps > 0 and name in args.train_methods:
         result.update(bench_training(model, config, args, ctx, sync))
     if device == "cuda":
@@ -198,10 +209,25 @@ def bench_classical(name: str, config: dict, args: argparse.Namespace) -> dict[s
     return result
 
 
+def bench_config(params: dict, name: str) -> dict[str, Any]:
+    """A method's settings; `<method>:stage1` is that method's `stage1` section (learned)."""
+    from medfuse.config import method_config
+
+    method, _, stage = name.partition(":")
+    config = method_config(params, method)
+    return {"kind": "learned", **config[stage]} if stage else config
+
+
+def train_size(params: dict, config: dict, size: int) -> int:
+    """The side of a training crop: the method's train.image_size, else the global one."""
+    train = {**params.get("train", {}), **config.get("train", {})}
+    return int(train.get("image_size") or size)
+
+
 def run_one(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from medfuse.config import load_params, method_config
+    from medfuse.config import load_params
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -210,7 +236,8 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
 
         keep_freed_memory()  # as `medfuse train` and `medfuse fuse` do
     params = load_params(args.params, args.overlay)
-    config = method_config(params, args.one)
+    config = bench_config(params, args.one)
+    args.train_size = train_size(params, config, args.size)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kind = config["kind"]
     if kind == "learned":
@@ -236,18 +263,22 @@ def format_row(r: dict[str, Any]) -> str:
     if "skipped" in r or "error" in r:
         return f"{r['method']:<12} {r.get('skipped') or r.get('error')}"
     label = f"{r['method']} {r['precision']}" if "precision" in r else r["method"]
-    text = (
-        f"{label:<21} params {r['parameters']:>10,}  "
-        f"infer {r['infer_ms_median']:8.1f} ms (min {r['infer_ms_min']:.1f})"
-        f"  [load {r['load_before_infer']} -> {r['load_after_infer']}]"
-    )
+    text = f"{label:<21} params {r['parameters']:>10,}"
+    if r.get("trainable", r["parameters"]) != r["parameters"]:
+        text += f" ({r['trainable']:,} trainable)"
+    if "infer_ms_median" in r:
+        text += (
+            f"  infer {r['infer_ms_median']:8.1f} ms (min {r['infer_ms_min']:.1f})"
+            f"  [load {r['load_before_infer']} -> {r['load_after_infer']}]"
+        )
     if "gmacs" in r:
-        text += f"\n{'':<21} MACs {r['gmacs']:.3f} G/pair"
+        text += f"\n{'':<21} MACs {r['gmacs']:.3f} G/pair ({2 * r['gmacs']:.2f} GFLOP)"
         if "gmacs_thop" in r:
             text += f" (thop, layers only: {r['gmacs_thop']:.3f} G)"
     if "train_s_per_step" in r:
         text += (
-            f"\n{'':<21} train batch {r['batch']}: {r['train_s_per_step']:.2f} s/step "
+            f"\n{'':<21} train batch {r['batch']} x {r['train_size']}²: "
+            f"{r['train_s_per_step']:.2f} s/step "
             f"(min {r['train_s_per_step_min']:.2f}, {r['train_steps_timed']} steps; "
             f"CPU {r['train_cpu_s_per_step']:.2f} s/step, all threads), "
             f"{r['train_images_per_s']:.2f} images/s  [load {r['load_before_train']} -> "
@@ -268,7 +299,9 @@ def compare_precisions(rows: dict[str, dict[str, Any]], fused: dict[str, Path]) 
     f32, bf16 = rows.get("float32"), rows.get("bfloat16")
     if not f32 or not bf16 or "error" in f32 or "error" in bf16:
         return None
-    parts = [f"infer x{f32['infer_ms_median'] / bf16['infer_ms_median']:.2f}"]
+    parts = []
+    if "infer_ms_median" in f32 and "infer_ms_median" in bf16:
+        parts.append(f"infer x{f32['infer_ms_median'] / bf16['infer_ms_median']:.2f}")
     if "train_s_per_step" in f32 and "train_s_per_step" in bf16:
         parts.append(f"train step x{f32['train_s_per_step'] / bf16['train_s_per_step']:.2f}")
         parts.append(
@@ -374,7 +407,7 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
 
-    from medfuse.config import load_params, method_config
+    from medfuse.config import load_params
     from medfuse.methods.registry import method_names
 
     params = load_params(args.params, args.overlay)
@@ -387,7 +420,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in methods:
-            learned = method_config(params, name).get("kind") == "learned"
+            learned = bench_config(params, name).get("kind") == "learned"
             by_precision: dict[str, dict[str, Any]] = {}
             fused: dict[str, Path] = {}
             for precision in args.precision_list if learned else [None]:

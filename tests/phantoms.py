@@ -4,7 +4,8 @@
 its mirror, and a manifest (path, size, sha256) for each: root/<dataset>/ and
 root/<dataset>.tsv. AANLIB gets <raw_root>/<pair>/<split>/<modality>/<id>.png (CT and MRI grey,
 PET and SPECT pseudo-colour RGB, as `prepare` validates); each published peer gets
-<pair>/<id>.png fused images of the test ids. Seeded, so every run writes the same images.
+<pair>/<id>.png fused images of the test ids; each pretrained method's release gets the weights
+file it names, its network at a seeded initialisation. Seeded, so every run writes the same files.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def _published_fusion(a: np.ndarray, b: np.ndarray, rule: str) -> np.ndarray:
 def _write_manifest(folder: Path, path: Path) -> Path:
     lines = [
         f"{f.relative_to(folder).as_posix()}\t{f.stat().st_size}\t{sha256_file(f)}"
-        for f in sorted(folder.rglob("*.png"))
+        for f in sorted(folder.rglob("*"))
+        if f.is_file()
     ]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -125,6 +127,27 @@ def _write_manifest(folder: Path, path: Path) -> Path:
 def published_datasets(params: Mapping[str, Any]) -> list[str]:
     """The datasets holding the published peers' fused images (methods of kind `published`)."""
     return [m["dataset"] for m in params["methods"].values() if m["kind"] == "published"]
+
+
+def _write_phantom_releases(root: Path, params: Mapping[str, Any]) -> list[str]:
+    """Each pretrained method's released weights, as its network initialised with a fixed seed
+    (the same file format and loading path as the authors' checkpoint)."""
+    import torch
+
+    from medfuse.config import method_config
+    from medfuse.methods.registry import build_method
+
+    datasets = []
+    for section in params["methods"].values():
+        if section["kind"] != "pretrained":
+            continue
+        torch.manual_seed(0)
+        net = build_method(section["method"], method_config(params, section["method"]))
+        path = root / section["dataset"] / section["weights"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(net.state_dict(), path)
+        datasets.append(section["dataset"])
+    return datasets
 
 
 def write_phantom_mirrors(
@@ -149,4 +172,6 @@ def write_phantom_mirrors(
                 for k, dataset in enumerate(published):  # two peers, two different fusions
                     fused = _published_fusion(a, b, ("average", "max")[k % 2])
                     write_image(root / dataset / pair / f"{name}.png", fused)
-    return {d: _write_manifest(root / d, root / f"{d}.tsv") for d in [AANLIB, *published]}
+    released = _write_phantom_releases(root, params)
+    datasets = [AANLIB, *published, *released]
+    return {d: _write_manifest(root / d, root / f"{d}.tsv") for d in datasets}

@@ -16,7 +16,7 @@ from medfuse.errors import ConfigError, DataError
 from medfuse.fuse import fuse_files, fuse_from_args, fuse_test_split, load_fuser
 from medfuse.io import read_image, write_image
 from medfuse.methods.registry import method_names
-from medfuse.train import build_learned, save_weights
+from medfuse.models import build_learned, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "workflow" / "profiles" / "quick" / "params.yaml"
@@ -135,14 +135,14 @@ def _write_pair(folder: Path, a: np.ndarray, b: np.ndarray) -> tuple[Path, Path]
 def test_every_registered_method_fuses_two_given_images(
     method: str, fuse_params: dict, tmp_path: Path, make_pair
 ) -> None:
-    a, b = make_pair(32, 3)
+    a, b = make_pair(64, 3)  # DM-FNet's head needs 64 pixels a side
     path_a, path_b = _write_pair(tmp_path, a, b)
     model = None
     if method_config(fuse_params, method)["kind"] == "learned":
         model = untrained_weights(fuse_params, method, "CT-MRI", tmp_path / "w")
     out = fuse_files(fuse_params, method, path_a, path_b, tmp_path / "f.png", model_path=model)
     fused = read_image(out, mode="L")
-    assert fused.shape == (32, 32)
+    assert fused.shape == (64, 64)
 
 
 def test_rgb_functional_and_odd_size(fuse_params: dict, tmp_path: Path, make_pair) -> None:
@@ -233,7 +233,8 @@ def test_fuse_from_args_needs_pair_or_two_images(fuse_params: dict) -> None:
 def test_a_training_checkpoint_can_be_used_as_weights(
     fuse_params: dict, tmp_path: Path, make_pair
 ) -> None:
-    from medfuse.train import _checkpoint, _resume_key, save_checkpoint
+    from medfuse.models import save_checkpoint
+    from medfuse.train import _checkpoint, _resume_key
 
     config = method_config(fuse_params, "wdualmine", "no_we")
     net = build_learned("wdualmine", config, "CT-MRI")

@@ -15,17 +15,16 @@ from medfuse.data.dataset import Augment, PairDataset, augment_pair
 from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
 from medfuse.methods.wdualmine import WDualmine
-from medfuse.precision import resolve_precision
-from medfuse.train import (
+from medfuse.models import (
     CHECKPOINT,
     META,
     WEIGHTS,
     load_checkpoint,
     resolve_device,
-    resolve_settings,
     save_checkpoint,
-    train_from_params,
 )
+from medfuse.precision import resolve_precision
+from medfuse.train import resolve_settings, train_from_params
 
 TINY_METHOD = {
     "model": {"widths": [4, 8, 8, 8], "proj_dim": 8},
@@ -455,7 +454,7 @@ def _crash_at(point: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_crash_while_saving_never_leaves_weights_without_their_model_json(
     point: str, previous: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from medfuse.train import save_weights
+    from medfuse.models import save_weights
 
     out = tmp_path / "model"
     old, new = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)

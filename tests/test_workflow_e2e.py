@@ -10,6 +10,7 @@ Slow (minutes): deselect with `-m "not workflow"` while iterating.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -40,8 +41,12 @@ def _assert_outputs(repo: Path) -> None:
     for n in range(1, 6):
         assert (repo / f"results/tables/table{n}.csv").is_file()
         assert (repo / f"results/tables/table{n}.md").is_file()
-    table1 = (repo / "results/tables/table1.md").read_text()
-    assert "published-adafuse" in table1 and "published-asfe-fusion" in table1
+    for n in (1, 2, 3):
+        table = (repo / f"results/tables/table{n}.md").read_text()
+        for method in ("published-adafuse", "published-asfe-fusion", "mmif-amin", "dm-fnet"):
+            assert f"| {method} |" in table, (n, method)
+        assert "| pretrained-mmif-amin |" in table, n
+    assert "## Released weights and this dataset's split" in report
     for stem in ("fig3_CT-MRI", "fig4_PET-MRI", "fig5_SPECT-MRI", "fig6_curves", "fig6_radar"):
         for ext in ("png", "pdf"):
             assert (repo / f"results/figures/{stem}.{ext}").stat().st_size > 1000
@@ -58,6 +63,20 @@ def test_snakemake_quick_profile_end_to_end(quick_repo: Path, data_source: DataS
     _assert_outputs(quick_repo)
     out, _ = _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
     assert "Nothing to be done" in out
+
+    # A second-stage setting of DM-FNet retrains its head, never its first stage.
+    params = (quick_repo / "params.yaml").read_text()
+    set_param(quick_repo, ["methods", "dm-fnet", "loss", "gradient"], 2.0)
+    try:
+        out, _ = _run(
+            ["snakemake", "--profile", "workflow/profiles/quick", "-n", "all"], quick_repo, env
+        )
+    finally:
+        (quick_repo / "params.yaml").write_text(params)
+    planned = set(re.findall(r"^(?:local)?rule (\w+):$", out, re.M))
+    assert "train" in planned and "train_stage1" not in planned, planned
+    assert "output: results/models/dm-fnet/all/full/model.pt" in out
+    assert out.count("output: results/models/") == 1
 
 
 def test_dvc_quick_profile_end_to_end_and_selective_rerun(
@@ -81,6 +100,13 @@ def test_dvc_quick_profile_end_to_end_and_selective_rerun(
     trained = sorted(s for s in status if s.startswith("train"))
     assert trained and all("@wdualmine-" in s for s in trained), trained
     assert len(trained) == 3 + 8  # full on three pairs + eight ablations on CT-MRI
+
+    # A second-stage setting of DM-FNet retrains its head, never its first stage.
+    set_param(repo, ["methods", "wdualmine", "loss", "mi"], 0.1)
+    set_param(repo, ["methods", "dm-fnet", "loss", "gradient"], 2.0)
+    status = json.loads(_run(["dvc", "status", "--json"], repo, env)[0].strip() or "{}")
+    trained = sorted(s for s in status if s.startswith("train"))
+    assert trained == ["train_unified@dm-fnet-full"], trained
 
 
 def test_mlflow_ui_lists_the_workflow_runs(quick_repo: Path):

@@ -26,6 +26,7 @@ MIRRORS = {
     "aanlib": SHARED / "aanlib",
     "published-asfe-fusion": SHARED / "published-fusions" / "ASFE-Fusion",
     "published-adafuse": SHARED / "published-fusions" / "AdaFuse",
+    "pretrained-mmif-amin": SHARED / "published-models" / "MMIF-AMIN",
 }
 # Set to 1 to run the workflow tests on the phantom mirrors even where ../shared exists.
 NO_MIRROR_ENV = "MEDFUSE_TEST_NO_MIRROR"

@@ -55,6 +55,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         device=args.device,
         epochs=args.epochs,
         precision=args.precision,
+        stage1=args.stage1,
+        stage1_model=args.stage1_model,
     )
 
 
@@ -157,13 +159,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a learned method on one modality pair")
     _add_common(p)
-    p.add_argument("--pair", required=True, choices=PAIRS)
+    p.add_argument(
+        "--pair",
+        required=True,
+        choices=[*PAIRS, "all"],
+        help="all: every pair's training images (a method with unified: true, e.g. dm-fnet)",
+    )
     p.add_argument("--method", default="wdualmine")
     p.add_argument("--variant", default="full", help="ablation variant from params.yaml")
     p.add_argument("--out", type=Path, default=None, help="weights directory")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     p.add_argument("--device", default=None, help="auto | cpu | cuda (overrides params.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="override the epoch count")
+    p.add_argument(
+        "--stage1", action="store_true", help="train the method's first stage (dm-fnet's U-Net)"
+    )
+    p.add_argument(
+        "--stage1-model",
+        type=Path,
+        default=None,
+        help="trained first stage to start from (default results/stage1/<method>/model.pt)",
+    )
     _add_precision(p)
     p.set_defaults(handler=_cmd_train)
 

@@ -22,6 +22,7 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +31,73 @@ import pandas as pd
 import torch
 
 from medfuse.config import canonical_method, method_config
-from medfuse.data.colour import luma_uint8, recolour
+from medfuse.data.colour import luma_pil, luma_uint8, recolour, recolour_opencv_yuv
 from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
 from medfuse.io import LOSSY_FORMATS, atomic_path, image_format, read_image, to_uint8, write_image
 from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import Fuser
+from medfuse.methods.peer_blocks import config_from_mapping
 from medfuse.methods.registry import build_method
-from medfuse.precision import resolve_precision
-from medfuse.train import (
+from medfuse.models import (
     META,
     WEIGHTS,
     build_learned,
-    default_model_dir,
     load_checkpoint,
     predict_pair,
     resolve_device,
 )
+from medfuse.plan import Job, model_dir, trained_on
+from medfuse.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
 
 def default_fused_dir(method: str, pair: str, variant: str) -> Path:
-    return Path("results") / "fused" / canonical_method(method) / pair / variant
+    return Job(canonical_method(method), pair, variant).fused_dir
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """`methods.<m>.output`: how an RGB functional image becomes the grey input, and how the
+    fused [0, 1] luma becomes 8 bits and colour. The defaults are the project's convention
+    (BT.601 YCbCr, rounding); a method may take its authors' (MMIF-AMIN: PIL's luma,
+    truncation, OpenCV's YUV), so that its fusions are theirs to the bit."""
+
+    luma: str = "bt601"  # bt601: the YCbCr Y, rounded | pil: PIL's convert("L")
+    rounding: str = "round"  # round | truncate: x255 in float32, then cut (numpy's astype)
+    colour: str = "ycbcr"  # ycbcr: the functional image's Cb/Cr | opencv-yuv: its U/V
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("luma", ("bt601", "pil")),
+            ("rounding", ("round", "truncate")),
+            ("colour", ("ycbcr", "opencv-yuv")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}")
+
+    @classmethod
+    def of(cls, params: Mapping[str, Any], method: str, variant: str = "full") -> OutputSettings:
+        """A method's settings; released weights (`pretrained`) take their method's."""
+        config = method_config(params, method, variant)
+        if config.get("kind") == "pretrained":
+            method, config = config["method"], method_config(params, config["method"])
+        return config_from_mapping(cls, f"methods.{method}.output", config.get("output"))
+
+    def functional_luma(self, rgb: np.ndarray) -> np.ndarray:
+        return luma_pil(rgb) if self.luma == "pil" else luma_uint8(rgb)
+
+    def to_uint8(self, fused: np.ndarray) -> np.ndarray:
+        if self.rounding == "truncate":  # as (float32 output * 255).astype(np.uint8)
+            scaled = np.clip(np.asarray(fused, dtype=np.float32) * np.float32(255.0), 0, 255)
+            return scaled.astype(np.uint8)
+        return to_uint8(fused)
+
+    def recolour(self, fused_y: np.ndarray, functional_rgb: np.ndarray) -> np.ndarray:
+        if self.colour == "opencv-yuv":
+            return recolour_opencv_yuv(fused_y, functional_rgb)
+        return recolour(fused_y, functional_rgb)
 
 
 class NetFuser:
@@ -156,6 +201,12 @@ def load_fuser(
     kind = config.get("kind")
     if kind == "classical":
         return build_method(method, config)
+    if kind == "pretrained":
+        model_path = model_path or _released_weights(params, method, config)
+        # Released weights run as their authors ran them: float32 unless asked otherwise.
+        precision = precision or "float32"
+        method, config = config["method"], method_config(params, config["method"])
+        kind = config.get("kind")
     if kind == "learned":
         if model_path is None:
             if pair is None:
@@ -163,7 +214,8 @@ def load_fuser(
                     f"{method} is a learned method: give its weights with --model, or --pair to "
                     f"use results/models/{canonical_method(method)}/<pair>/{variant}/{WEIGHTS}"
                 )
-            model_path = default_model_dir(method, pair, variant) / WEIGHTS
+            model_path = model_dir(method, trained_on(params, method, pair, variant), variant)
+            model_path = model_path / WEIGHTS
         if not Path(model_path).is_file():
             raise DataError(
                 f"{model_path}: no trained weights; run `medfuse train --method {method}"
@@ -179,10 +231,30 @@ def load_fuser(
     )
 
 
-def write_fused(out_dir: Path, name: str, fused_y: np.ndarray, a_rgb: np.ndarray | None) -> None:
+def _released_weights(params: Mapping[str, Any], method: str, config: Mapping[str, Any]) -> Path:
+    """The weights file a `pretrained` method names inside its downloaded dataset."""
+    from medfuse.data.download import dataset_dir
+
+    path = dataset_dir(params, config["dataset"]) / config["weights"]
+    if not path.is_file():
+        raise DataError(
+            f"{path}: released weights of {method} not found; "
+            f"run `medfuse download --dataset {config['dataset']}`"
+        )
+    return path
+
+
+def write_fused(
+    out_dir: Path,
+    name: str,
+    fused_y: np.ndarray,
+    a_rgb: np.ndarray | None,
+    output: OutputSettings = OutputSettings(),
+) -> None:
     """<name>.png (RGB when the functional image is colour) and y/<name>.png (grey luma)."""
     write_image(out_dir / "y" / f"{name}.png", fused_y)
-    write_image(out_dir / f"{name}.png", recolour(fused_y, a_rgb) if a_rgb is not None else fused_y)
+    colour = output.recolour(fused_y, a_rgb) if a_rgb is not None else fused_y
+    write_image(out_dir / f"{name}.png", colour)
 
 
 def copy_published(
@@ -241,13 +313,15 @@ def fuse_test_split(
     else:
         fuser = load_fuser(params, method, variant, pair, model_path, device, precision)
         used_precision = getattr(fuser, "precision", used_precision)
+        output = OutputSettings.of(params, method, variant)
         fuse_s = 0.0
         for _, row in rows.iterrows():
             sample = prepared.load(row)
+            a = sample.a if sample.a_rgb is None else output.functional_luma(sample.a_rgb)
             tic = time.perf_counter()
-            fused = fuser.fuse(sample.a / 255.0, sample.b / 255.0)
+            fused = fuser.fuse(a / 255.0, sample.b / 255.0)
             fuse_s += time.perf_counter() - tic
-            write_fused(out, sample.name, to_uint8(fused), sample.a_rgb)
+            write_fused(out, sample.name, output.to_uint8(fused), sample.a_rgb, output)
     total_s = time.perf_counter() - start
     log.info("fused %d %s test pairs with %s into %s", len(rows), pair, method, out)
     with start_run(
@@ -279,6 +353,7 @@ def fuse_files(
     """Fuse one user-given registered pair; A may be grey or RGB (fused through its luma).
     Returns the file written: `out`, or <out>/<A's stem>_fused.png when `out` is a folder."""
     out = fused_file_path(Path(out), Path(path_a))
+    output = OutputSettings.of(params, method, variant)
     a_image = read_image(path_a)
     b = read_image(path_b, mode="L")
     a_rgb = None
@@ -286,7 +361,7 @@ def fuse_files(
         np.array_equal(a_image[..., 0], a_image[..., 1])
         and np.array_equal(a_image[..., 0], a_image[..., 2])
     ):
-        a_rgb, a = a_image, luma_uint8(a_image)
+        a_rgb, a = a_image, output.functional_luma(a_image)
     else:
         a = a_image if a_image.ndim == 2 else a_image[..., 0]
     if a.shape != b.shape:
@@ -295,9 +370,9 @@ def fuse_files(
             "the two sources must be registered images of the same size"
         )
     fuser = load_fuser(params, method, variant, pair, model_path, device, precision)
-    fused_y = to_uint8(fuser.fuse(a / 255.0, b / 255.0))
+    fused_y = output.to_uint8(fuser.fuse(a / 255.0, b / 255.0))
     try:
-        write_image(out, recolour(fused_y, a_rgb) if a_rgb is not None else fused_y)
+        write_image(out, output.recolour(fused_y, a_rgb) if a_rgb is not None else fused_y)
     except OSError as exc:  # no permission, a file where a folder should be, a full disk
         raise DataError(f"{out}: cannot write the fused image ({exc.strerror or exc})") from exc
     return out

@@ -1,20 +1,28 @@
 """The jobs the workflow runs and where their outputs live: one place for both workflow tools.
 
 The Snakefile expands its rules from these functions; dvc.yaml expands the same lists of
-params.yaml with foreach/matrix; tests/test_workflow.py checks that the two DAGs agree.
+params.yaml with foreach/matrix; tests/test_workflow_dag.py checks that the two DAGs agree.
+
+A learned model is trained per modality pair, except a `unified` method's (DM-FNet's head),
+which is trained once on the training images of every pair in `experiments.pairs` and stored
+under the pseudo-pair `all`; every pair's fusion then reads that one model. A method with a
+`stage1` section (DM-FNet's diffusion U-Net) first trains that stage into `stage1_dir(method)`,
+whose weights every training of the method reuses (its variants included).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from medfuse.config import canonical_method, seeded_variant
-from medfuse.errors import ConfigError
+from medfuse.config import canonical_method, method_config, seeded_variant
+from medfuse.errors import ConfigError, DataError
 
 RESULTS = Path("results")
+# The pair name of a model trained on the training images of every pair.
+ALL_PAIRS = "all"
 
 
 @dataclass(frozen=True)
@@ -22,33 +30,74 @@ class Job:
     method: str
     pair: str
     variant: str = "full"
+    # The pair the model was trained on: `pair`, or ALL_PAIRS for a unified method's model.
+    trained_on: str | None = None
+    # The results folder (`medfuse report --results DIR` reads another one).
+    root: Path = RESULTS
 
     @property
     def model_dir(self) -> Path:
-        return RESULTS / "models" / self.method / self.pair / self.variant
+        return model_dir(self.method, self.trained_on or self.pair, self.variant, self.root)
 
     @property
     def fused_dir(self) -> Path:
-        return RESULTS / "fused" / self.method / self.pair / self.variant
+        return self.root / "fused" / self.method / self.pair / self.variant
 
     def metrics_stem(self, convention: str) -> Path:
         """Prefix of the evaluation outputs: <stem>.csv (per pair) and <stem>.json (summary)."""
-        return RESULTS / "metrics" / convention / self.method / self.pair / self.variant
+        return self.root / "metrics" / convention / self.method / self.pair / self.variant
 
 
-def _ablation_jobs(exp: Mapping[str, Any]) -> list[Job]:
+def model_dir(method: str, trained_on: str, variant: str, root: Path = RESULTS) -> Path:
+    """results/models/<method>/<pair or ALL_PAIRS>/<variant>/: model.pt, model.json, history."""
+    return root / "models" / canonical_method(method) / trained_on / variant
+
+
+def job_of_fused_dir(fused_dir: str | Path) -> Job:
+    """The job whose fusions are in `fused_dir` (<root>/fused/<method>/<pair>/<variant>)."""
+    parts = Path(fused_dir).parts
+    if len(parts) < 4 or parts[-4] != "fused":
+        raise DataError(
+            f"{fused_dir}: not a results/fused/<method>/<pair>/<variant> folder; give --out PREFIX"
+        )
+    method, pair, variant = parts[-3:]
+    return Job(method, pair, variant, root=Path(*parts[:-4]))
+
+
+def stage1_dir(method: str) -> Path:
+    """Where a two-stage method's first stage (e.g. DM-FNet's diffusion U-Net) is trained."""
+    return RESULTS / "stage1" / canonical_method(method)
+
+
+def is_unified(params: Mapping[str, Any], method: str, variant: str = "full") -> bool:
+    """Whether `method` (as `variant` sets it) trains one model on every pair's images."""
+    return bool(method_config(params, method, variant).get("unified", False))
+
+
+def has_stage1(params: Mapping[str, Any], method: str) -> bool:
+    return "stage1" in params["methods"][canonical_method(method)]
+
+
+def trained_on(params: Mapping[str, Any], method: str, pair: str, variant: str = "full") -> str:
+    """The pair folder of the model that fuses `pair` with `method`'s `variant`."""
+    return ALL_PAIRS if is_unified(params, method, variant) else pair
+
+
+def _ablation_jobs(params: Mapping[str, Any]) -> list[Job]:
+    exp = params["experiments"]
     method = canonical_method(exp["ablation_method"])
-    return [Job(method, exp["ablation_pair"], v) for v in exp["ablations"]]
+    pair = exp["ablation_pair"]
+    return [Job(method, pair, v, trained_on(params, method, pair, v)) for v in exp["ablations"]]
 
 
 def trained_methods(exp: Mapping[str, Any]) -> list[str]:
-    """The methods trained here: `learned`, plus the peers only when opted in (the paper scored
-    the peers from their authors' published images and never retrained them)."""
+    """The methods trained here per pair: `learned`, plus the peers only when opted in (the
+    paper scored the peers from their authors' published images and never retrained them)."""
     return [canonical_method(m) for m in [*exp["learned"], *exp["retrained_peers"]]]
 
 
 def _seed_jobs(params: Mapping[str, Any]) -> list[Job]:
-    """The full model of each `learned` method again with every extra seed, on `seed_pairs`."""
+    """The full model of each of `seed_methods` again with every extra seed, on `seed_pairs`."""
     exp = params["experiments"]
     if params["seed"] in exp["extra_seeds"]:
         raise ConfigError(
@@ -57,20 +106,62 @@ def _seed_jobs(params: Mapping[str, Any]) -> list[Job]:
         )
     return [
         Job(m, pair, seeded_variant("full", seed))
-        for m in map(canonical_method, exp["learned"])
+        for m in map(canonical_method, exp["seed_methods"])
         for pair in exp["seed_pairs"]
         for seed in exp["extra_seeds"]
     ]
 
 
-def fusion_jobs(params: Mapping[str, Any]) -> list[Job]:
-    """Every method (trained, published or classical) on every pair, plus the ablations and the
-    extra seeds."""
+def _check_lists(params: Mapping[str, Any]) -> None:
+    """`learned` trains per pair and `unified` once for all pairs (dvc.yaml has one stage group
+    for each): a method in the wrong list would be trained the wrong way by DVC."""
     exp = params["experiments"]
-    names = [*trained_methods(exp), *exp["classical"], *exp["published"]]
-    methods = [canonical_method(m) for m in names]
-    full = [Job(m, p) for m in methods for p in exp["pairs"]]
-    return full + _ablation_jobs(exp) + _seed_jobs(params)
+    for method in exp["seed_methods"]:  # dvc.yaml trains them per pair, as `learned`
+        if canonical_method(method) not in trained_methods(exp):
+            raise ConfigError(
+                f"experiments.seed_methods: {method!r} is not trained per pair here; "
+                "list it in experiments.learned (or retrained_peers) too"
+            )
+    for key, unified in (("learned", False), ("unified", True)):
+        for method in exp[key]:
+            if is_unified(params, method) != unified:
+                setting = "true" if not unified else "false or absent"
+                raise ConfigError(
+                    f"experiments.{key}: {method!r} has methods.{method}.unified {setting}; "
+                    f"list it in experiments.{'learned' if not unified else 'unified'}"
+                )
+    for method in exp["unified"]:
+        if not has_stage1(params, method):  # dvc.yaml trains a first stage for each
+            raise ConfigError(
+                f"experiments.unified: {method!r} has no methods.{method}.stage1 section"
+            )
+
+
+def fusion_jobs(params: Mapping[str, Any], root: Path = RESULTS) -> list[Job]:
+    """Every method (trained, unified, pretrained, published or classical) on every pair,
+    plus the ablations and the extra seeds, with their outputs under `root`."""
+    _check_lists(params)
+    exp = params["experiments"]
+    names = [*trained_methods(exp), *exp["unified"], *exp["classical"], *exp["pretrained"]]
+    methods = [canonical_method(m) for m in [*names, *exp["published"]]]
+    full = [Job(m, p, "full", trained_on(params, m, p)) for m in methods for p in exp["pairs"]]
+    jobs = full + _ablation_jobs(params) + _seed_jobs(params)
+    return [replace(job, root=Path(root)) for job in jobs]
+
+
+def training_jobs(params: Mapping[str, Any]) -> list[Job]:
+    """One job per model to train (a unified model once, whatever the pairs that read it)."""
+    jobs = {
+        (job.method, job.trained_on or job.pair, job.variant): None
+        for job in fusion_jobs(params)
+        if is_learned(params, job.method)
+    }
+    return [Job(m, pair, variant, pair) for m, pair, variant in jobs]
+
+
+def stage1_methods(params: Mapping[str, Any]) -> list[str]:
+    """The methods whose first stage the workflow trains."""
+    return sorted({job.method for job in training_jobs(params) if has_stage1(params, job.method)})
 
 
 def is_learned(params: Mapping[str, Any], method: str) -> bool:

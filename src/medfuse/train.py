@@ -4,8 +4,7 @@ It needs only a `FusionNet`'s `training_loss(a, b)` (see `medfuse.methods.base`)
 and the peers train the same way. A checkpoint after every epoch holds the model, optimiser and
 every random state, so `--resume` after a crash gives the same weights as an uninterrupted run
 (on CPU, where kernels are deterministic), in float32 and in bfloat16 alike. Checkpoints are read
-with `weights_only=True`: a file that would need arbitrary unpickling is refused, and one that is
-no sound PyTorch file (text, an image, a cut-short or damaged archive) is named as what it is.
+with `weights_only=True` (`medfuse.models`).
 
 A trained model is model.json plus model.pt, and model.pt's rename is its one commit point (see
 `save_weights`). A training killed outright leaves its MLflow run RUNNING; the next training of
@@ -20,10 +19,8 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import pickle
 import random
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,31 +32,35 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from medfuse.config import canonical_method, job_params, method_config
+from medfuse.config import canonical_method, deep_merge, job_params, method_config, split_seed
 from medfuse.data.dataset import Augment, PairDataset
 from medfuse.data.prepared import PreparedData, Sample
 from medfuse.errors import ConfigError, DataError
-from medfuse.io import atomic_path, to_uint8, write_image, write_text_atomic
+from medfuse.io import to_uint8, write_image, write_text_atomic
 from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import FusionNet
-from medfuse.methods.registry import build_method
+from medfuse.models import (
+    CHECKPOINT,
+    HISTORY,
+    META,
+    WEIGHTS,
+    build_learned,
+    load_checkpoint,
+    parameter_count,
+    predict_pair,
+    resolve_device,
+    save_checkpoint,
+    save_weights,
+)
+from medfuse.plan import ALL_PAIRS, model_dir, stage1_dir
 from medfuse.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "model.pt"
-META = "model.json"
-HISTORY = "history.csv"
 
-
-def default_model_dir(method: str, pair: str, variant: str) -> Path:
-    return Path("results") / "models" / canonical_method(method) / pair / variant
-
-
-def build_learned(method: str, config: Mapping[str, Any], pair: str | None) -> FusionNet:
-    """A learned method's network; its factory also receives the pair (a peer may depend on it)."""
-    return build_method(method, {**config, "pair": pair})
+def stage1_name(method: str) -> str:
+    """The registry name of a two-stage method's first stage (its own network and loss)."""
+    return f"{canonical_method(method)}:stage1"
 
 
 @dataclass(frozen=True)
@@ -81,16 +82,6 @@ class TrainSettings:
     precision: str  # resolved: float32 | bfloat16
 
 
-def resolve_device(requested: str) -> str:
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but no CUDA device is available")
-    if requested not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {requested!r}; use auto, cpu or cuda")
-    return requested
-
-
 def resolve_settings(
     params: Mapping[str, Any],
     config: Mapping[str, Any],
@@ -98,7 +89,8 @@ def resolve_settings(
     epochs: int | None = None,
     precision: str | None = None,
 ) -> TrainSettings:
-    train = params.get("train", {})
+    # A method's own `train` section (e.g. whole images, no augmentation) overrides the global one.
+    train = deep_merge(params.get("train", {}), config.get("train", {}))
     optim = config.get("optim", {})
     resolved_device = resolve_device(device or train.get("device", "auto"))
     resolved_precision = resolve_precision(precision or train.get("precision"), resolved_device)
@@ -181,124 +173,6 @@ def restore_rng_state(state: Mapping[str, Any], loader_generator: torch.Generato
     loader_generator.set_state(state["loader"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """Write the checkpoint under a temporary name and rename it: never a half-written file."""
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
-
-
-def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint or weights file with `weights_only=True`; anything else is refused,
-    with one line saying what the file is instead (see `_check_torch_file`)."""
-    if not path.is_file():
-        raise DataError(f"{path}: checkpoint not found")
-    _check_torch_file(path)
-    try:
-        with warnings.catch_warnings():  # its advice on pickle protocols is a second line
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise DataError(_unpickling_problem(path, exc)) from exc
-    except EOFError as exc:
-        raise DataError(f"{path}: a truncated PyTorch file: it ends too early") from exc
-    except Exception as exc:  # the weights-only unpickler fails on damaged bytes in any way
-        raise DataError(f"{path}: a corrupted PyTorch file: {_first_line(exc)}") from exc
-
-
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # torch.save's default format is a zip archive
-# Older torch.save files (and other pickles) start with a pickle PROTO opcode (protocol 2-5).
-_PICKLE_PROTO = tuple(bytes([0x80, n]) for n in range(2, 6))
-_EXPECTED = "expected weights written by torch.save, such as a training's model.pt"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def _check_torch_file(path: Path) -> None:
-    """Refuse, before torch reads it, a file that is no PyTorch file at all (text, an image,
-    random bytes: torch.load's errors for them are tracebacks or misleading) or a zip archive
-    that is cut short, damaged or not a weights file."""
-    with open(path, "rb") as handle:
-        head = handle.read(4096)
-    if head.startswith(_ZIP_MAGIC):
-        _check_torch_zip(path)
-    elif not head.startswith(_PICKLE_PROTO):
-        what = _describe_bytes(path, head)
-        raise DataError(f"{path}: not a PyTorch checkpoint: {what}; {_EXPECTED}")
-
-
-def _describe_bytes(path: Path, head: bytes) -> str:
-    """What a file that is not a PyTorch file looks like, in a few words."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not head:
-        return "the file is empty"
-    try:
-        with Image.open(path) as image:
-            return f"it is a {image.format} image"
-    except (UnidentifiedImageError, OSError, ValueError):
-        pass
-    if _looks_like_text(head):
-        return "it is a text file"
-    return "its bytes are neither a zip archive nor a pickle"
-
-
-def _looks_like_text(head: bytes) -> bool:
-    """UTF-8 without NUL bytes (a character cut off at the end of the sample still counts)."""
-    if b"\0" in head:
-        return False
-    try:
-        head.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return exc.start >= len(head) - 3
-    return True
-
-
-def _check_torch_zip(path: Path) -> None:
-    """A zip archive must be complete, pass its CRC checks and hold a torch.save data.pkl."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            damaged = archive.testzip()  # torch itself does not check the CRCs
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
-        raise DataError(
-            f"{path}: a truncated or corrupted PyTorch checkpoint: not a complete zip archive "
-            f"({_first_line(exc)}); an interrupted save or copy? save or copy it again"
-        ) from exc
-    if damaged is not None:
-        raise DataError(
-            f"{path}: a corrupted PyTorch checkpoint: {damaged!r} fails its CRC check; "
-            "save or copy it again"
-        )
-    if any(name.endswith("/constants.pkl") for name in names):
-        raise DataError(
-            f"{path}: a TorchScript module, not a weights checkpoint; save the model's "
-            "state_dict() with torch.save"
-        )
-    if not any(name.endswith("/data.pkl") for name in names):
-        raise DataError(
-            f"{path}: not a PyTorch checkpoint: a zip archive of other files; {_EXPECTED}"
-        )
-
-
-def _unpickling_problem(path: Path, exc: pickle.UnpicklingError) -> str:
-    """A pickled object outside the weights-only allow-list is refused; any other unpickling
-    failure means a pickle torch.save did not write, or damaged bytes."""
-    text = str(exc)
-    marker = "Unsupported global: GLOBAL "
-    if marker in text:
-        name = text[text.index(marker) + len(marker) :].split()[0]
-        return (
-            f"{path}: refused: not a weights-only checkpoint: it holds pickled Python objects "
-            f"({name}) and unpickling them could run arbitrary code; save a state_dict() instead"
-        )
-    return f"{path}: a corrupted PyTorch file, or a pickle not written by torch.save; {_EXPECTED}"
 
 
 # ---- the loop ----
@@ -441,8 +315,13 @@ def train_from_params(
     device: str | None = None,
     epochs: int | None = None,
     precision: str | None = None,
+    stage1: bool = False,
+    stage1_model: str | Path | None = None,
 ) -> Path:
-    """Train `method` (a learned one) on `pair`'s train split; return the final weights' path."""
+    """Train `method` (a learned one) on `pair`'s train split, or on every pair's when `pair` is
+    ALL_PAIRS (a unified method); with `stage1`, train the method's first stage instead. A
+    two-stage method's training starts from its trained first stage (`stage1_model`, else
+    plan.stage1_dir). Return the final weights' path."""
     from medfuse.tracking import start_run
 
     params = job_params(params, variant)  # a seeded variant (full_seed<N>) trains with its seed
@@ -451,18 +330,28 @@ def train_from_params(
         raise ConfigError(
             f"method {method!r} is {config.get('kind')!r}, not learned: nothing to train"
         )
+    job_method = stage1_name(method) if stage1 else canonical_method(method)
+    if stage1:
+        config = _stage1_config(method, variant, config, pair)
+    else:
+        _check_training_pair(method, variant, config, pair)
     s = resolve_settings(params, config, device, epochs, precision)
-    out = Path(out_dir) if out_dir is not None else default_model_dir(method, pair, variant)
-    key = _resume_key(method, pair, variant, config, s.precision)
-
+    if out_dir is not None:
+        out = Path(out_dir)
+    else:
+        out = stage1_dir(method) if stage1 else model_dir(method, pair, variant)
+    key = _resume_key(job_method, pair, variant, config, s.precision)
     keep_freed_memory()
     seed_everything(s.seed)
     prepared = PreparedData(params["data"]["prepare"]["out_dir"])
-    dataset = PairDataset(prepared.samples(pair, "train"), s.seed, s.augment, s.image_size)
+    samples = _training_samples(prepared, pair, params["experiments"]["pairs"])
+    dataset = PairDataset(samples, s.seed, s.augment, s.image_size)
     loader, generator = _make_loader(dataset, s)
-    model = build_learned(method, config, pair).to(s.device)
+    model = build_learned(job_method, config, pair).to(s.device)
+    if "stage1" in config:
+        _load_stage1(model, method, stage1_model, s.device)
     trainer = {"model": model, "optimiser": make_optimiser(model, s), "generator": generator}
-    log.info("training %s in %s on %s", method, s.precision, s.device)
+    log.info("training %s in %s on %s", job_method, s.precision, s.device)
     start_epoch, run_id = 0, None
     checkpoint_path = out / CHECKPOINT
     if not resume:
@@ -471,13 +360,12 @@ def train_from_params(
         start_epoch, run_id = _resume(checkpoint_path, key, trainer, s.device)
     elif resume:
         log.warning("%s: no checkpoint to resume from; starting at epoch 1", checkpoint_path)
-    job = {"step": "train", "method": method, "pair": pair, "variant": variant}
+    job = {"step": "train", "method": job_method, "pair": pair, "variant": variant}
     job_tags = {**job, "out_dir": str(out.resolve())}
     end_killed_runs(params, job_tags, run_id or _checkpoint_run_id(checkpoint_path))
-
     with start_run(params, **job, run_id=run_id) as run:
         if run.run_id != run_id:  # a new run (also when the checkpoint's is not in the store)
-            run.log_params(_settings_params(s, method, pair, variant))
+            run.log_params(_settings_params(s, job_method, pair, variant))
             run.set_tags(
                 {
                     "device": s.device,
@@ -493,15 +381,72 @@ def train_from_params(
             append_history(out / HISTORY, epoch + 1, stats)
             log.info("epoch %d/%d %s", epoch + 1, s.epochs, _format_stats(stats))
             save_checkpoint(checkpoint_path, _checkpoint(trainer, key, epoch + 1, run.run_id))
-        meta = {"method": method, "pair": pair, "variant": variant, "config": config}
+        meta = {"method": job_method, "pair": pair, "variant": variant, "config": config}
         meta.update(epochs=s.epochs, seed=s.seed, precision=s.precision, run_id=run.run_id)
         weights = save_weights(out, model, meta)
         run.log_artifact(weights, "model")
         run.log_artifact(out / META, "model")
-        samples_dir = write_sample_fusions(model, prepared, pair, s, out / "samples")
-        if samples_dir is not None:
-            run.log_artifacts(samples_dir, "samples")
+        if not stage1:  # a first stage does not fuse
+            sample_pair = params["experiments"]["pairs"][0] if pair == ALL_PAIRS else pair
+            samples_dir = write_sample_fusions(model, prepared, sample_pair, s, out / "samples")
+            if samples_dir is not None:
+                run.log_artifacts(samples_dir, "samples")
     return weights
+
+
+def _check_training_pair(method: str, variant: str, config: Mapping[str, Any], pair: str) -> None:
+    """A unified model is trained on every pair's images (pair `all`), any other per pair."""
+    unified = bool(config.get("unified", False))
+    if unified and pair != ALL_PAIRS:
+        raise ConfigError(
+            f"{method} ({variant}) trains one model on every pair's training images: use "
+            f"--pair {ALL_PAIRS} (or a variant with unified: false for one model per pair)"
+        )
+    if pair == ALL_PAIRS and not unified:
+        raise ConfigError(
+            f"{method} ({variant}) trains one model per pair: give --pair, not {ALL_PAIRS!r}"
+        )
+
+
+def _stage1_config(
+    method: str, variant: str, config: Mapping[str, Any], pair: str
+) -> dict[str, Any]:
+    """The first stage's own settings (a variant may change only the second stage's); it
+    trains once, on every pair's images."""
+    if "stage1" not in config:
+        raise ConfigError(f"method {method!r} has no first stage (no methods.{method}.stage1)")
+    if variant != "full" and split_seed(variant)[1] is None:
+        raise ConfigError(
+            f"{method}: the first stage is trained once, from the method's own settings; "
+            f"train it with --variant full, not {variant!r}"
+        )
+    if pair != ALL_PAIRS:
+        raise ConfigError(
+            f"{method}: the first stage trains on every pair's images: use --pair {ALL_PAIRS}"
+        )
+    return dict(config["stage1"])
+
+
+def _training_samples(prepared: PreparedData, pair: str, pairs: list[str]) -> list[Sample]:
+    """`pair`'s training pairs, or those of every pair of the experiments for ALL_PAIRS."""
+    chosen = pairs if pair == ALL_PAIRS else [pair]
+    return [sample for name in chosen for sample in prepared.samples(name, "train")]
+
+
+def _load_stage1(model: FusionNet, method: str, path: str | Path | None, device: str) -> None:
+    """Give a two-stage method's network its trained (frozen) first stage."""
+    path = Path(path) if path is not None else stage1_dir(method) / WEIGHTS
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no trained first stage of {method}; run `medfuse train --method {method} "
+            f"--stage1 --pair {ALL_PAIRS}` first (or give --stage1-model)"
+        )
+    meta_path = path.with_name(META)
+    if meta_path.is_file():
+        trained_as = json.loads(meta_path.read_text(encoding="utf-8")).get("method")
+        if trained_as not in (None, stage1_name(method)):
+            raise ConfigError(f"{path}: weights of {trained_as!r}, not of {stage1_name(method)!r}")
+    model.load_stage1(load_checkpoint(path, device))
 
 
 def _checkpoint_run_id(path: Path) -> str | None:
@@ -538,41 +483,8 @@ def append_history(path: Path, epoch: int, stats: Mapping[str, float]) -> None:
     write_text_atomic(path, rows.to_csv(index=False))
 
 
-def parameter_count(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def _format_stats(stats: Mapping[str, float]) -> str:
     return " ".join(f"{k}={v:.4g}" for k, v in stats.items())
-
-
-def save_weights(out: Path, model: torch.nn.Module, meta: Mapping[str, Any]) -> Path:
-    """model.json (what built the weights) and model.pt (a plain state_dict), committed by
-    model.pt's rename, which comes last: model.pt is what Snakemake, DVC and `fuse` take as
-    "the model exists", so a crash at any point leaves the previous complete pair or no
-    model.pt, never weights without (or with another run's) model.json."""
-    weights = out / WEIGHTS
-    info = {**meta, "parameters": parameter_count(model), "torch": torch.__version__}
-    # Exit order: the inner block renames model.json first, then the outer one model.pt.
-    with atomic_path(weights) as weights_tmp, atomic_path(out / META) as meta_tmp:
-        torch.save(model.state_dict(), weights_tmp)
-        meta_tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        weights.unlink(missing_ok=True)  # the old weights must not pair with the new model.json
-    return weights
-
-
-@torch.no_grad()
-def predict_pair(
-    model: FusionNet, a: np.ndarray, b: np.ndarray, device: str, precision: str = "float32"
-) -> np.ndarray:
-    """Float (H, W) sources in [0, 1] -> fused float64 (H, W) in [0, 1], by a learned model
-    (run in `precision`, a resolved one: float32 or bfloat16)."""
-    model.eval()
-    ta = torch.as_tensor(np.asarray(a, dtype=np.float32))[None, None].to(device)
-    tb = torch.as_tensor(np.asarray(b, dtype=np.float32))[None, None].to(device)
-    with autocast(precision, device):
-        fused = model(ta, tb)
-    return fused[0, 0].double().clamp(0.0, 1.0).cpu().numpy()
 
 
 def write_sample_fusions(

@@ -4,7 +4,7 @@
 import shlex
 
 from medfuse.config import job_params, load_params, method_config
-from medfuse.plan import fusion_jobs, is_learned
+from medfuse.plan import ALL_PAIRS, fusion_jobs, has_stage1, stage1_dir, stage1_methods
 
 PROFILE = config.get("profile")
 PARAMS = load_params("params.yaml", profile=PROFILE)
@@ -17,9 +17,6 @@ PREPARE = PARAMS["data"]["prepare"]
 PREPARED_DIR = PREPARE["out_dir"]
 PREPARED_MANIFEST = f"{PREPARED_DIR}/manifest.csv"
 RAW_DIR = PARAMS["data"]["raw_dir"]
-PUBLISHED_DIRS = [
-    f"{RAW_DIR}/{m['dataset']}" for m in PARAMS["methods"].values() if m["kind"] == "published"
-]
 
 
 wildcard_constraints:
@@ -27,6 +24,9 @@ wildcard_constraints:
 
 
 FUSE_JOBS = fusion_jobs(PARAMS)
+# (method, pair, variant) -> the job, for the rules' input functions.
+JOBS = {(job.method, job.pair, job.variant): job for job in FUSE_JOBS}
+STAGE1_METHODS = stage1_methods(PARAMS)
 CONVENTIONS = PARAMS["evaluate"]["conventions"]
 METHODS = sorted({job.method for job in FUSE_JOBS})
 TRACKING_STAMP = "results/tracking/store.json"
@@ -34,7 +34,7 @@ TRACKING_STAMP = "results/tracking/store.json"
 
 wildcard_constraints:
     method="|".join(METHODS),
-    pair="|".join(PARAMS["experiments"]["pairs"]),
+    pair="|".join([*PARAMS["experiments"]["pairs"], ALL_PAIRS]),
     variant="[A-Za-z0-9_]+",
     convention="|".join(CONVENTIONS),
 
@@ -46,12 +46,19 @@ def method_settings(wc):
 
 def fuse_inputs(wc):
     inputs = {"prepared": PREPARED_MANIFEST, "tracking": TRACKING_STAMP}
-    if is_learned(PARAMS, wc.method):
-        inputs["model"] = f"results/models/{wc.method}/{wc.pair}/{wc.variant}/model.pt"
-    kind = PARAMS["methods"][wc.method]["kind"]
-    if kind == "published":
-        inputs["published"] = f"{RAW_DIR}/{PARAMS['methods'][wc.method]['dataset']}"
+    section = PARAMS["methods"][wc.method]
+    if section["kind"] == "learned":
+        inputs["model"] = str(JOBS[wc.method, wc.pair, wc.variant].model_dir / "model.pt")
+    if section["kind"] in ("published", "pretrained"):
+        inputs["released"] = f"{RAW_DIR}/{section['dataset']}"
     return inputs
+
+
+def stage1_model(wc):
+    """A two-stage method's training starts from its trained first stage."""
+    if has_stage1(PARAMS, wc.method):
+        return {"stage1": str(stage1_dir(wc.method) / "model.pt")}
+    return {}
 
 
 # One software environment for every rule (the package pins everything it needs).

@@ -34,6 +34,7 @@ from medfuse.errors import DataError
 from medfuse.io import read_image, write_text_atomic
 from medfuse.metrics import core
 from medfuse.metrics.conventions import Convention, get_convention, to_grey
+from medfuse.plan import job_of_fused_dir
 
 log = logging.getLogger(__name__)
 
@@ -366,13 +367,20 @@ def evaluate_own_folder(
     return _score_table(read, [f.stem for f, _, _ in matched], convention, list(names), jobs)
 
 
-def summarise(per_pair: pd.DataFrame, ddof: int = 0) -> pd.DataFrame:
-    """Mean and std (population by default) per metric; an undefined (NaN) score stays NaN."""
-    values = per_pair.drop(columns=["name"]).astype(float)
+def mean_std(values: pd.Series, ddof: int = 0) -> tuple[float, float]:
+    """Mean and std over test pairs (population by default, as the paper's tables): the one
+    summary of the evaluation files and the report. A pair whose score is undefined (NaN) makes
+    both NaN: a mean over the other pairs would silently score a different test set."""
+    values = values.astype(float)
     with np.errstate(invalid="ignore"):  # inf - inf inside the std of an infinite column
-        table = pd.DataFrame(
-            {"mean": values.mean(skipna=False), "std": values.std(ddof=ddof, skipna=False)}
-        )
+        return float(values.mean(skipna=False)), float(values.std(ddof=ddof, skipna=False))
+
+
+def summarise(per_pair: pd.DataFrame, ddof: int = 0) -> pd.DataFrame:
+    """`mean_std` of every metric column."""
+    values = per_pair.drop(columns=["name"])
+    rows = {metric: mean_std(values[metric], ddof) for metric in values.columns}
+    table = pd.DataFrame.from_dict(rows, orient="index", columns=["mean", "std"])
     table.index.name = "metric"
     return table
 
@@ -451,15 +459,10 @@ def log_evaluation_run(
 def default_prefix(fused_dir: Path, pair: str, convention: str) -> Path:
     """results/fused/<method>/<pair>/<variant> ->
     results/metrics/<convention>/<method>/<pair>/<variant> (medfuse.plan.Job.metrics_stem)."""
-    parts = Path(fused_dir).parts
-    if len(parts) < 4 or parts[-4] != "fused":
-        raise DataError(
-            f"{fused_dir}: not a results/fused/<method>/<pair>/<variant> folder; give --out PREFIX"
-        )
-    method, fused_pair, variant = parts[-3:]
-    if fused_pair != pair:
-        raise DataError(f"{fused_dir}: folder is for {fused_pair}, but --pair is {pair}")
-    return Path(*parts[:-4], "metrics", convention, method, pair, variant)
+    job = job_of_fused_dir(fused_dir)
+    if job.pair != pair:
+        raise DataError(f"{fused_dir}: folder is for {job.pair}, but --pair is {pair}")
+    return job.metrics_stem(convention)
 
 
 OWN_SOURCES = "own-sources"  # the MLflow experiment of evaluations against --sources

@@ -14,7 +14,7 @@ from medfuse.data.prepared import PreparedData
 from medfuse.errors import DataError
 from medfuse.io import read_image, write_text_atomic
 from medfuse.plan import RESULTS, Job, fusion_jobs
-from medfuse.report import claims, figures, tables
+from medfuse.report import claims, figures, releases, tables
 from medfuse.report.markdown import render_report
 
 log = logging.getLogger(__name__)
@@ -115,11 +115,13 @@ def build_report(
 ) -> Path:
     """Write results/tables, results/figures and results/report.md; return the report's path."""
     out = Path(out_dir or results_dir)
-    jobs = fusion_jobs(params)
+    jobs = fusion_jobs(params, Path(results_dir))
     primary = params["evaluate"]["convention"]
     per_pair = load_per_pair(jobs, primary)
     markdown, comparisons = write_tables(params, per_pair, out / "tables")
     markdown["claims"] = claims.claims_section(per_pair, out / "tables")
+    prepared = PreparedData(params["data"]["prepare"]["out_dir"])
+    markdown["releases"] = releases.overlap_markdown(params, prepared.manifest)
     others = {}
     for convention in params["evaluate"]["conventions"]:
         if convention != primary:

@@ -152,6 +152,7 @@ def render_report(
         "",
         _fmi_note(per_pair),
         "",
+        markdown.get("releases"),
         "## Tables 1-3: comparison with the paper",
         "",
         *[markdown[k] for k in ("table1", "table2", "table3", "seeds") if k in markdown],
