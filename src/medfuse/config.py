@@ -175,6 +175,41 @@ def params_file(path: str | Path | None, packaged_fallback: bool = False) -> Pat
     return DEFAULT_PARAMS
 
 
+# The settings that name files or folders: relative ones are relative to the project root, the
+# folder of the params file (Snakemake and DVC run there; a command run elsewhere with
+# --params gets them resolved, so it reads the project's data, not the current folder's).
+PATH_KEYS = (
+    ("data", "raw_dir"),
+    ("data", "prepare", "raw_root"),
+    ("data", "prepare", "out_dir"),
+    ("tracking", "artifact_root"),
+)
+SQLITE_PREFIX = "sqlite:///"
+
+
+def _is_local_relative(value: str) -> bool:
+    return "://" not in value and not Path(value).is_absolute()
+
+
+def resolve_paths(params: dict[str, Any], root: Path) -> dict[str, Any]:
+    """`params` with every relative path setting made absolute against `root`."""
+    resolved = copy.deepcopy(params)
+    for keys in PATH_KEYS:
+        node = resolved
+        for key in keys[:-1]:
+            node = node[key]
+        if _is_local_relative(str(node[keys[-1]])):
+            node[keys[-1]] = str(root / node[keys[-1]])
+    for dataset in resolved["data"]["datasets"].values():
+        for key in ("manifest", "base_url"):
+            if _is_local_relative(str(dataset[key])):
+                dataset[key] = str(root / dataset[key])
+    uri = str(resolved["tracking"]["uri"])
+    if uri.startswith(SQLITE_PREFIX) and _is_local_relative(uri[len(SQLITE_PREFIX) :]):
+        resolved["tracking"]["uri"] = SQLITE_PREFIX + str(root / uri[len(SQLITE_PREFIX) :])
+    return resolved
+
+
 def load_params(
     path: str | Path = DEFAULT_PARAMS,
     overlays: Sequence[str | Path] | None = None,
@@ -196,6 +231,12 @@ def load_params(
         params = deep_merge(params, _read_yaml(overlay))
     names = " + ".join(str(p) for p in [path, *overlay_paths])
     validate(params, names)
+    root = path.resolve().parent
+    # Run from elsewhere: the project's files, not the current folder's. The package's own
+    # defaults (no project at all) keep paths relative to the current folder.
+    packaged = path.absolute() == PACKAGED_PARAMS.absolute()
+    if root != Path.cwd().resolve() and not packaged:
+        params = resolve_paths(params, root)
     return params
 
 
