@@ -544,6 +544,8 @@ REDUCED_DAG = {
     "experiments": {
         "pairs": ["CT-MRI"],
         "learned": ["wdualmine"],
+        "unified": [],
+        "pretrained": [],
         "published": [],
         "classical": ["average"],
         "ablations": [],

@@ -33,6 +33,8 @@ PAIR = "CT-MRI"
 TINY_EXPERIMENTS = {
     "pairs": [PAIR],
     "learned": [],
+    "unified": [],
+    "pretrained": [],
     "published": [],
     "classical": [METHOD],
     "ablation_pair": PAIR,

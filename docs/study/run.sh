@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 out=${1:?usage: run.sh OUT_DIR [NAME ...]}; shift
 epochs=${STUDY_EPOCHS:-10}
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(baseline seed1 head_0.01 head_0 lr_1e-4 avg_x4 bf16 widths_x2)
+[ ${#names[@]} -gt 0 ] || names=(baseline seed1 head_0.01 head_0 lr_1e-4 avg_x4 head_avg bf16 widths_x2)
 medfuse init-tracking --stamp "$out/tracking.json"
 for name in "${names[@]}"; do
     overlay=docs/study/$name.yaml

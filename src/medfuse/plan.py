@@ -116,7 +116,8 @@ def _check_lists(params: Mapping[str, Any]) -> None:
     """`learned` trains per pair and `unified` once for all pairs (dvc.yaml has one stage group
     for each): a method in the wrong list would be trained the wrong way by DVC."""
     exp = params["experiments"]
-    for method in exp["seed_methods"]:  # dvc.yaml trains them per pair, as `learned`
+    seeded = exp["seed_methods"] if exp["extra_seeds"] else []
+    for method in seeded:  # dvc.yaml trains them per pair, as `learned`
         if canonical_method(method) not in trained_methods(exp):
             raise ConfigError(
                 f"experiments.seed_methods: {method!r} is not trained per pair here; "
