@@ -10,16 +10,15 @@ import torch
 
 from medfuse.errors import ConfigError
 from medfuse.methods import dm_fnet
+from medfuse.methods.blocks import gaussian_window, sobel_magnitude
 from medfuse.methods.dm_fnet import (
     DMFNet,
     HeadLoss,
     HeadLossConfig,
     NoiseSchedule,
     cosine_betas,
-    gaussian_window,
     linear_betas,
     noise_levels,
-    sobel_magnitude,
     ssim_cs_map,
 )
 from medfuse.models import parameter_count

@@ -17,7 +17,7 @@ from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
 from medfuse.fuse import OutputSettings, fuse_test_split
 from medfuse.io import read_image, write_image
-from medfuse.methods.asfe_fusion import gaussian_window
+from medfuse.methods.blocks import gaussian_window
 from medfuse.methods.mmif_amin import (
     MMIFAMINLossConfig,
     MMIFAMINNet,

@@ -13,6 +13,7 @@ from medfuse.errors import ConfigError
 from medfuse.methods import adafuse, asfe_fusion
 from medfuse.methods.asfe_fusion import FusionLoss, LossConfig, ssim, structure_tensor
 from medfuse.methods.base import FusionNet
+from medfuse.methods.blocks import gaussian_window
 from medfuse.methods.peer_blocks import (
     BlurPool2d,
     PatchUnembed,
@@ -154,7 +155,7 @@ def test_loss_terms_on_hand_made_cases() -> None:
     assert terms["intensity"] == pytest.approx(0.0, abs=1e-6)  # F is the mean of the sources
     assert terms["structure"] == pytest.approx(0.0, abs=1e-6)  # flat images: no structure
     x = torch.rand(2, 1, 24, 24)
-    assert ssim(x, x, asfe_fusion.gaussian_window(11, 1.5)).item() == pytest.approx(1.0)
+    assert ssim(x, x, gaussian_window(11, 1.5)).item() == pytest.approx(1.0)
 
 
 def test_structure_tensor_of_a_ramp() -> None:

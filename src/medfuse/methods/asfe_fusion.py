@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfuse.methods.blocks import gaussian_window
 from medfuse.methods.peer_blocks import (
     BackboneConfig,
     PeerFusionNet,
@@ -59,13 +60,6 @@ class LossConfig:
 
 
 # ----------------------------------------------------------------------------- loss
-
-
-def gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
-    taps = torch.exp(-(coords**2) / (2.0 * sigma**2))
-    taps = taps / taps.sum()
-    return torch.outer(taps, taps).view(1, 1, size, size)
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor:

@@ -151,6 +151,14 @@ class ResidualBlock(nn.Module):
         return F.relu(out + self.skip(x), inplace=True)
 
 
+def gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    """A normalised (1, 1, size, size) Gaussian kernel (the losses' SSIM window)."""
+    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
+    taps = torch.exp(-(coords**2) / (2.0 * sigma**2))
+    taps = taps / taps.sum()
+    return torch.outer(taps, taps).view(1, 1, size, size)
+
+
 def sobel_xy(x: torch.Tensor, padding: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel Sobel derivatives (horizontal, vertical), same size as `x`.
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from medfuse.errors import ConfigError
 from medfuse.methods.base import FusionNet
+from medfuse.methods.blocks import gaussian_window, sobel_magnitude
 from medfuse.methods.peer_blocks import config_from_mapping
 
 # ----------------------------------------------------------------------------- configuration
@@ -460,21 +461,6 @@ class FusionHead(nn.Module):
 # ----------------------------------------------------------------------------- head loss
 
 
-def gaussian_window(size: int, sigma: float) -> torch.Tensor:
-    coords = torch.arange(size, dtype=torch.float32) - (size - 1) / 2.0
-    taps = torch.exp(-(coords**2) / (2.0 * sigma**2))
-    taps = taps / taps.sum()
-    return torch.outer(taps, taps).view(1, 1, size, size)
-
-
-def sobel_magnitude(x: torch.Tensor) -> torch.Tensor:
-    """|Sobel_x| + |Sobel_y| of an (N, 1, H, W) batch, zero padding."""
-    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-    kernels = torch.stack([kx, kx.T]).unsqueeze(1).to(x)
-    g = F.conv2d(x, kernels, padding=1)
-    return g.abs().sum(dim=1, keepdim=True)
-
-
 def local_moments(
     x: torch.Tensor, y: torch.Tensor, window: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -705,6 +691,5 @@ __all__ = [
     "cosine_betas",
     "linear_betas",
     "noise_levels",
-    "sobel_magnitude",
     "ssim_cs_map",
 ]

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfuse.errors import DataError
-from medfuse.methods.asfe_fusion import gaussian_window
 from medfuse.methods.base import FusionNet
+from medfuse.methods.blocks import gaussian_window
 from medfuse.methods.peer_blocks import config_from_mapping
 
 # ----------------------------------------------------------------------------- configuration
