@@ -9,8 +9,8 @@ from scipy.ndimage import gaussian_filter
 from medfuse.methods.base import Fuser
 from medfuse.methods.classical import AverageFusion, DWTFusion, LaplacianFusion, MaxFusion
 
-ALL = [AverageFusion(), MaxFusion(), DWTFusion(wavelet="db2", levels=3), LaplacianFusion(levels=4)]
-MULTISCALE = [DWTFusion(wavelet="db2", levels=3), LaplacianFusion(levels=4)]
+MULTISCALE = [DWTFusion(wavelet="db2", levels=3, mode="symmetric"), LaplacianFusion(4, None)]
+ALL = [AverageFusion(), MaxFusion(), *MULTISCALE]
 
 
 def _textured(size: int = 64) -> np.ndarray:
@@ -82,8 +82,8 @@ def test_size_mismatch_and_colour_input_are_errors(method: Fuser) -> None:
 
 def test_bad_settings_fail_at_construction() -> None:
     with pytest.raises(ValueError):
-        DWTFusion(wavelet="no-such-wavelet")
+        DWTFusion(wavelet="no-such-wavelet", levels=3, mode="symmetric")
     with pytest.raises(ValueError, match="levels"):
-        DWTFusion(levels=0)
+        DWTFusion(wavelet="db2", levels=0, mode="symmetric")
     with pytest.raises(ValueError, match="levels"):
-        LaplacianFusion(levels=0)
+        LaplacianFusion(levels=0, sigma=None)

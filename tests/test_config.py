@@ -306,3 +306,34 @@ def test_a_command_run_elsewhere_says_where_it_looked(
     )
     assert result.returncode == 2, result.stderr
     assert str(project / "data" / "prepared") in result.stderr
+
+
+LEARNED_WITH_SETTINGS = ("wdualmine", "asfe-fusion", "adafuse", "mmif-amin", "dm-fnet")
+
+
+@pytest.mark.parametrize("method", LEARNED_WITH_SETTINGS)
+def test_no_setting_has_a_default_outside_params_yaml(params, method):
+    """Each model and loss setting is read from params.yaml: dropping any one of them is an
+    error naming it, never a value the code fills in."""
+    from medfuse.models import build_learned
+
+    section = method_config(params, method)
+    for part in ("model", "loss"):
+        for key in section[part]:
+            broken = deep_merge(section, {})
+            del broken[part][key]
+            with pytest.raises(ConfigError, match=rf"\.{part}: missing key\(s\) {key} "):
+                build_learned(method, broken, "CT-MRI")
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [("train", "precision"), ("train", "augment"), ("output", "rounding"), (None, "output")],
+)
+def test_a_params_file_missing_a_key_is_refused_naming_it(tmp_path, repo_root, section, key):
+    data = yaml.safe_load((repo_root / "params.yaml").read_text())
+    del (data[section] if section else data)[key]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=rf"{section or '<top level>'}: '{key}' is a required"):
+        load_params(path)

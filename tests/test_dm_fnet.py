@@ -22,23 +22,26 @@ from medfuse.methods.dm_fnet import (
     ssim_cs_map,
 )
 from medfuse.models import parameter_count
+from tests.settings import section
 from tests.tiny import train_steps
 
 # Four levels: 32-pixel images reach 4 x 4 at the bottom (the head's 7x7 reflect conv needs 4).
 TINY_UNET = {"base_channels": 8, "channel_mults": [1, 1, 1, 2], "res_blocks": 1, "norm_groups": 4}
-TINY_STAGE1 = {"model": TINY_UNET, "diffusion": {}}
+SETTINGS = section("dm-fnet")  # params.yaml's, where every value lives
+TINY_STAGE1 = section("dm-fnet", stage1={"model": TINY_UNET})["stage1"]
+HEAD = {"model": SETTINGS["model"], "loss": SETTINGS["loss"]}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_unet(seed: int = 0) -> dm_fnet.DiffusionUNet:
     torch.manual_seed(seed)
-    return dm_fnet.build_unet(model=TINY_UNET)
+    return dm_fnet.build_unet(**TINY_STAGE1)
 
 
 def tiny_head(seed: int = 0, **model: object) -> DMFNet:
     torch.manual_seed(seed)
-    return dm_fnet.build(model=model, stage1=TINY_STAGE1)
+    return dm_fnet.build(model={**HEAD["model"], **model}, loss=HEAD["loss"], stage1=TINY_STAGE1)
 
 
 def pair_batch(n: int = 2, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,13 +183,13 @@ def test_sobel_of_a_constant_is_zero_inside_and_of_a_ramp_its_slope_times_8() ->
 
 def test_head_loss_is_zero_when_the_fusion_equals_identical_sources() -> None:
     x = torch.rand(2, 1, 32, 32) * 2 - 1
-    total, terms = HeadLoss(HeadLossConfig())(x, x, x)
+    total, terms = HeadLoss(HeadLossConfig(**HEAD["loss"]))(x, x, x)
     assert total.item() == pytest.approx(0.0, abs=1e-6)
     assert terms["intensity"] == 0.0 and terms["gradient"] == 0.0
 
 
 def test_head_loss_terms_on_analytic_inputs() -> None:
-    loss = HeadLoss(HeadLossConfig())
+    loss = HeadLoss(HeadLossConfig(**HEAD["loss"]))
     flat = torch.full((1, 1, 32, 32), -0.5)
     textured = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     # L1 to the pixelwise maximum of the sources.
@@ -300,24 +303,29 @@ def test_mixed_precision_keeps_the_loss_in_float32() -> None:
 
 
 def test_config_errors_are_one_line_and_name_the_key() -> None:
-    with pytest.raises(
-        ConfigError, match=r"methods\.dm-fnet\.stage1\.model: unknown key\(s\) width"
-    ):
+    with pytest.raises(ConfigError, match=r"methods\.dm-fnet\.stage1\.model: unknown key 'width'"):
         dm_fnet.build_unet(model={"width": 8})
     with pytest.raises(ConfigError, match="not divisible by norm_groups"):
-        dm_fnet.build_unet(model={"base_channels": 12, "norm_groups": 8})
+        dm_fnet.build_unet(**section("dm-fnet", stage1={"model": {"base_channels": 12}})["stage1"])
     with pytest.raises(ConfigError, match="schedule must be cosine or linear"):
-        dm_fnet.build_unet(model=TINY_UNET, diffusion={"schedule": "quad"})
+        dm_fnet.build_unet(
+            **section("dm-fnet", stage1={"model": TINY_UNET, "diffusion": {"schedule": "quad"}})[
+                "stage1"
+            ]
+        )
     with pytest.raises(ConfigError, match=r"methods\.dm-fnet\.loss: unknown key"):
-        dm_fnet.build(loss={"l1": 1.0}, stage1=TINY_STAGE1)
+        dm_fnet.build(**{**HEAD, "loss": {**HEAD["loss"], "l1": 1.0}}, stage1=TINY_STAGE1)
     with pytest.raises(ConfigError, match="feature_schedule"):
-        dm_fnet.build(model={"feature_schedule": "cosine"}, stage1=TINY_STAGE1)
+        tiny_head(feature_schedule="cosine")
+    missing = {k: v for k, v in HEAD["model"].items() if k != "noise_seed"}
+    with pytest.raises(ConfigError, match=r"methods\.dm-fnet\.model: missing key\(s\) noise_seed"):
+        dm_fnet.build(model=missing, loss=HEAD["loss"], stage1=TINY_STAGE1)
 
 
 def test_other_method_keys_are_accepted_and_ignored() -> None:
-    unet = dm_fnet.build_unet(model=TINY_UNET, train={"image_size": 32}, optim={"lr": 1e-3})
+    unet = dm_fnet.build_unet(**TINY_STAGE1)
     assert isinstance(unet, dm_fnet.DiffusionUNet)
-    net = dm_fnet.build(stage1=TINY_STAGE1, unified=True, kind="learned")
+    net = dm_fnet.build(**{**SETTINGS, "stage1": TINY_STAGE1})
     assert net.unet.config.base_channels == 8
 
 
@@ -329,25 +337,23 @@ def test_stage1_feature_schedule_switch() -> None:
     assert linear.feature_schedule.levels[20] < same.feature_schedule.levels[20] < 1
 
 
-def test_paper_size_parameter_counts() -> None:
-    """The spec's 20.7 M (U-Net) and 3.0 M (head) at base width 128, GroupNorm 32."""
-    net = dm_fnet.build()
+def test_paper_size_parameter_counts(repo_root) -> None:
+    """The spec's 20.7 M (U-Net) and 3.0 M (head) at base width 128, GroupNorm 32: the gpu
+    profile is the paper's size."""
+    from medfuse.config import load_params
+
+    gpu = load_params(repo_root / "params.yaml", profile="gpu")["methods"]["dm-fnet"]
+    net = dm_fnet.build(**gpu)
     unet, head = parameter_count(net.unet), parameter_count(net, trainable_only=True)
     assert unet == 20_670_081 and unet == pytest.approx(20.7e6, rel=0.01)
     assert head == parameter_count(net.head) == 3_026_640 and head == pytest.approx(3.0e6, rel=0.02)
 
 
-def test_params_yaml_sizes_build(params: dict, repo_root) -> None:
-    """The CPU size (params.yaml) builds; the gpu profile is the paper's size (the defaults)."""
-    from medfuse.config import load_params
-
+def test_params_yaml_sizes_build(params: dict) -> None:
+    """The CPU size (params.yaml) builds."""
     net = dm_fnet.build(**params["methods"]["dm-fnet"])
     assert net.unet.config.base_channels == 16
     assert parameter_count(net.unet) == pytest.approx(0.33e6, rel=0.02)
-    gpu = load_params(repo_root / "params.yaml", profile="gpu")["methods"]
-    defaults = dm_fnet.UNetConfig()
-    for key in ("base_channels", "norm_groups", "channel_mults", "res_blocks", "dropout"):
-        assert gpu["dm-fnet"]["stage1"]["model"][key] == getattr(defaults, key), key
 
 
 # ----------------------------------------------------------------------------- the two trainings

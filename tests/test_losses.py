@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from medfuse.config import config_from_mapping
 from medfuse.errors import ConfigError
 from medfuse.methods.wdualmine_losses import (
     LossWeights,
@@ -19,6 +20,9 @@ from medfuse.methods.wdualmine_losses import (
     l_grad,
     l_rec,
 )
+from tests.settings import section
+
+TERMS = ("avg", "grad", "cc", "mi", "rec")
 
 
 def pair(seed: int = 0, n: int = 2, size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,12 +104,16 @@ def test_reconstruction_heads_are_independent() -> None:
     torch.testing.assert_close(heads(x)[:, :1], before)
 
 
-def test_weights_from_config() -> None:
-    w = LossWeights.from_config({"avg": 5, "grad": 0, "tau": 0.5})
-    assert w.avg == 5.0 and w.grad == 0.0 and w.mi == 0.1
-    with pytest.raises(ConfigError, match="unknown"):
-        LossWeights.from_config({"avgg": 1})
+def test_weights_come_from_params_yaml_whole() -> None:
+    """Every weight is read from params.yaml's section: unknown or missing keys are named."""
+    loss = section("wdualmine")["loss"]
+    w = config_from_mapping(LossWeights, "loss", {**loss, "grad": 0})
+    assert w.avg == float(loss["avg"]) and w.grad == 0.0
+    with pytest.raises(ConfigError, match="unknown key 'avgg' \\(did you mean 'avg'"):
+        config_from_mapping(LossWeights, "loss", {**loss, "avgg": 1})
+    with pytest.raises(ConfigError, match=r"loss: missing key\(s\) mi \(set them in params.yaml"):
+        config_from_mapping(LossWeights, "loss", {k: v for k, v in loss.items() if k != "mi"})
     with pytest.raises(ConfigError, match="not all 0"):
-        LossWeights.from_config({"avg": 0, "grad": 0, "cc": 0, "mi": 0, "rec": 0})
+        config_from_mapping(LossWeights, "loss", {**loss, **dict.fromkeys(TERMS, 0)})
     with pytest.raises(ConfigError, match="tau"):
-        LossWeights.from_config({"tau": 0})
+        config_from_mapping(LossWeights, "loss", {**loss, "tau": 0})

@@ -4,6 +4,7 @@ on analytic inputs, gradients, the per-method output settings, and an exact resu
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ from medfuse.methods.mmif_amin import (
     ssim_valid,
 )
 from medfuse.models import CHECKPOINT, WEIGHTS, build_learned, load_checkpoint, save_weights
+from tests.settings import section
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "data" / "published-models" / "MMIF-AMIN"
@@ -59,7 +61,7 @@ def mirror() -> Path:
 @pytest.fixture(scope="module")
 def released(mirror: Path) -> MMIFAMINNet:
     """The network with the authors' weights, loaded strictly (weights only), in eval mode."""
-    net = build()
+    net = build(**section("mmif-amin"))
     state = torch.load(mirror / "models" / "model_25.pth", map_location="cpu", weights_only=True)
     net.load_state_dict(state, strict=True)
     return net.eval()
@@ -120,7 +122,7 @@ def truncation_ties_only(fused: np.ndarray, theirs: np.ndarray, ours: np.ndarray
 
 def test_the_released_checkpoint_loads_strictly_with_every_key(mirror: Path) -> None:
     state = torch.load(mirror / "models" / "model_25.pth", map_location="cpu", weights_only=True)
-    net = build()
+    net = build(**section("mmif-amin"))
     assert list(net.state_dict()) == list(state)
     assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == {
         k: tuple(v.shape) for k, v in state.items()
@@ -154,7 +156,7 @@ def test_the_authors_colour_fusions_are_their_grey_ones_in_opencv_yuv(
         )
         # ... and ours is within one level of it.
         mine = recolour_opencv_yuv(
-            OutputSettings(rounding="truncate").to_uint8(ours[name]), theirs["spect"]
+            OutputSettings(**section("mmif-amin")["output"]).to_uint8(ours[name]), theirs["spect"]
         )
         assert np.abs(mine.astype(int) - theirs["yuv"].astype(int)).max() <= 1, name
 
@@ -199,7 +201,7 @@ def test_the_cli_gives_the_networks_fusions(
 
 def test_shapes_range_and_the_width_rule() -> None:
     torch.manual_seed(0)
-    net = build().eval()
+    net = build(**section("mmif-amin")).eval()
     a, b = torch.rand(2, 1, 24, 48), torch.rand(2, 1, 24, 48)
     with torch.no_grad():
         fused = net(a, b)
@@ -211,15 +213,15 @@ def test_shapes_range_and_the_width_rule() -> None:
 
 
 def test_the_parameter_count_is_the_authors() -> None:
-    assert sum(p.numel() for p in build().parameters()) == 76_684
+    assert sum(p.numel() for p in build(**section("mmif-amin")).parameters()) == 76_684
 
 
 def test_unknown_settings_are_one_line_errors() -> None:
-    with pytest.raises(ConfigError, match=r"methods\.mmif-amin\.model: unknown key\(s\) width"):
-        build(model={"width": 8})
+    with pytest.raises(ConfigError, match=r"methods\.mmif-amin\.model: unknown key 'width'"):
+        build(**section("mmif-amin", model={"width": 8}))
     with pytest.raises(ConfigError, match=r"methods\.mmif-amin\.loss: .*rmi_bce_weight"):
-        build(loss={"rmi_bce_weight": 2.0})
-    net = build(model={"channels": 8}, train={"image_size": None}, output={"rounding": "truncate"})
+        build(**section("mmif-amin", loss={"rmi_bce_weight": 2.0}))
+    net = build(**section("mmif-amin", model={"channels": 8}))
     assert net.config.channels == 8
 
 
@@ -227,7 +229,7 @@ def test_tokens_are_strips_of_one_row_of_one_channel() -> None:
     """Changing one pixel of one channel before the transformer changes only the 16-column strip
     of that row and channel holding it (a view, not a permute, makes the tokens)."""
     torch.manual_seed(0)
-    layer = build().basicLayer.eval()
+    layer = build(**section("mmif-amin")).basicLayer.eval()
     x = torch.rand(1, 16, 4, 32)
     y = x.clone()
     y[0, 3, 2, 20] += 1.0
@@ -250,7 +252,7 @@ def test_ssim_of_an_image_with_itself_is_one() -> None:
 def test_rmi_of_a_constant_target_is_the_floor_of_the_log_det() -> None:
     """Σ_Y = 0 makes M = 0, so the term is 0.5·logdet(εI)/9 = log(√ε) (with the 1e-8 inside
     the authors' log), whatever the prediction."""
-    cfg = MMIFAMINLossConfig()
+    cfg = MMIFAMINLossConfig(**section("mmif-amin")["loss"])
     target = torch.full((1, 1, 32, 32), 0.3)
     prob = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     expected = math.log(math.sqrt(cfg.rmi_epsilon) + 1e-8)
@@ -259,7 +261,7 @@ def test_rmi_of_a_constant_target_is_the_floor_of_the_log_det() -> None:
 
 def test_rmi_of_identical_images_is_its_closed_form_and_the_smallest() -> None:
     """With P = Y, M = Σ − Σ(Σ + εI)⁻¹Σ has eigenvalues λε/(λ + ε) for the eigenvalues λ of Σ."""
-    cfg = MMIFAMINLossConfig()
+    cfg = MMIFAMINLossConfig(**section("mmif-amin")["loss"])
     image = torch.rand(1, 1, 48, 48, generator=torch.Generator().manual_seed(2))
     vectors = torch.nn.functional.unfold(
         torch.nn.functional.max_pool2d(image, 3, 3, 1), 3
@@ -307,7 +309,7 @@ def test_entropy_is_the_binary_entropy_of_pixels_above_one_half() -> None:
 
 
 def test_adaptive_weights_and_the_zero_over_zero_guard() -> None:
-    net = build()
+    net = build(**section("mmif-amin"))
     flat_a, flat_b = torch.zeros(1, 1, 32, 32), torch.full((1, 1, 32, 32), 0.2)
     # Both constant and both below 0.5: AG 0 and EN 0 for both, the authors' 0/0 is NaN.
     w = net.loss.weights(flat_a, flat_b)
@@ -321,7 +323,7 @@ def test_adaptive_weights_and_the_zero_over_zero_guard() -> None:
 
 def test_the_loss_is_the_weighted_sum_of_its_terms() -> None:
     torch.manual_seed(0)
-    net = build().train()
+    net = build(**section("mmif-amin")).train()
     a, b = torch.rand(2, 1, 32, 32), torch.rand(2, 1, 32, 32)
     loss, terms = net.training_loss(a, b)
     assert loss.ndim == 0 and loss.dtype == torch.float32
@@ -333,7 +335,7 @@ def test_the_loss_is_the_weighted_sum_of_its_terms() -> None:
 
 def test_gradients_reach_what_learns_and_not_the_discarded_parts() -> None:
     torch.manual_seed(0)
-    net = build().train()
+    net = build(**section("mmif-amin")).train()
     a, b = torch.rand(1, 1, 32, 32), torch.rand(1, 1, 32, 32)
     # One step first: the dense blocks' last convs start at 0, which blocks the gradient of the
     # convs before them until they have moved.
@@ -355,20 +357,24 @@ def test_gradients_reach_what_learns_and_not_the_discarded_parts() -> None:
 
 def test_output_settings_are_per_method(params: dict) -> None:
     assert OutputSettings.of(params, "mmif-amin") == OutputSettings("pil", "truncate", "opencv-yuv")
-    assert OutputSettings.of(params, "wdualmine") == OutputSettings()
+    project = OutputSettings(**params["output"])
+    assert project == OutputSettings("bt601", "round", "ycbcr")
+    assert OutputSettings.of(params, "wdualmine") == project
     # The released weights are fused as their method is.
     assert OutputSettings.of(params, "pretrained-mmif-amin") == OutputSettings.of(
         params, "mmif-amin"
     )
-    assert OutputSettings.of(params, "dwt") == OutputSettings()
+    assert OutputSettings.of(params, "dwt") == project
     broken = deep_merge(params, {"methods": {"mmif-amin": {"output": {"rounding": "floor"}}}})
-    with pytest.raises(ConfigError, match=r"methods\.mmif-amin\.output: rounding must be one of"):
+    with pytest.raises(
+        ConfigError, match=r"output \(with methods\.mmif-amin\.output\): rounding must be one of"
+    ):
         OutputSettings.of(broken, "mmif-amin")
     fused = np.array([0.0, 0.5, 1.0 / 255 - 1e-7, 1.0])
     np.testing.assert_array_equal(
-        OutputSettings(rounding="truncate").to_uint8(fused), [0, 127, 0, 255]
+        replace(project, rounding="truncate").to_uint8(fused), [0, 127, 0, 255]
     )
-    np.testing.assert_array_equal(OutputSettings().to_uint8(fused), [0, 128, 1, 255])
+    np.testing.assert_array_equal(project.to_uint8(fused), [0, 128, 1, 255])
 
 
 def test_a_colour_test_split_is_truncated_and_recoloured_in_opencv_yuv(

@@ -20,6 +20,7 @@ from medfuse.methods.peer_blocks import (
     SwappedCrossAttentionFusion,
     minmax_per_image,
 )
+from tests.settings import section
 from tests.tiny import TINY_PEER_BACKBONE, train_steps
 
 # The same code as the papers' models, shrunk: 32 x 32 inputs are a multiple of 2^3 * patch 4.
@@ -35,7 +36,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def tiny_net(name: str, loss: dict | None = None, **model: object) -> FusionNet:
     torch.manual_seed(0)
-    return FACTORIES[name](model={**TINY[name], **model}, loss=loss)
+    return build_tiny(name, model={**TINY[name], **model}, loss=loss or {})
+
+
+def build_tiny(
+    name: str, model: dict | None = None, loss: dict | None = None, pair: str | None = None
+) -> FusionNet:
+    """Method `name` with params.yaml's settings, keys of `model` and `loss` replaced."""
+    settings = section(name)
+    return FACTORIES[name](
+        model={**settings["model"], **(model or {})},
+        loss={**settings["loss"], **(loss or {})},
+        pair=pair,
+    )
+
+
+def loss_config(**overrides: object) -> LossConfig:
+    return LossConfig(**section("asfe-fusion", loss=overrides)["loss"])
 
 
 def batch(make_pair, size: int = 32, seeds: tuple[int, ...] = (0, 1)) -> tuple[torch.Tensor, ...]:
@@ -138,20 +155,20 @@ def test_ssim_term_has_a_gradient_unless_detached(make_pair) -> None:
         total, _ = FusionLoss(config)(fused, a, b)
         return torch.autograd.grad(total, fused)[0]
 
-    with_ssim = grad_of(LossConfig())
-    released = grad_of(LossConfig(ssim_detached=True))
-    without_ssim = grad_of(LossConfig(ssim=0.0))
+    with_ssim = grad_of(loss_config())
+    released = grad_of(loss_config(ssim_detached=True))
+    without_ssim = grad_of(loss_config(ssim=0.0))
     assert not torch.allclose(with_ssim, released)
     torch.testing.assert_close(released, without_ssim)  # detached SSIM adds nothing to the grad
     # ... but still counts in the loss value the released code logs.
-    _, terms = FusionLoss(LossConfig(ssim_detached=True))(fused, a, b)
+    _, terms = FusionLoss(loss_config(ssim_detached=True))(fused, a, b)
     assert terms["ssim"] > 0.0
 
 
 def test_loss_terms_on_hand_made_cases() -> None:
     a = torch.full((1, 1, 16, 16), 0.2)
     b = torch.full((1, 1, 16, 16), 0.6)
-    _, terms = FusionLoss(LossConfig())((a + b) / 2, a, b)
+    _, terms = FusionLoss(loss_config())((a + b) / 2, a, b)
     assert terms["intensity"] == pytest.approx(0.0, abs=1e-6)  # F is the mean of the sources
     assert terms["structure"] == pytest.approx(0.0, abs=1e-6)  # flat images: no structure
     x = torch.rand(2, 1, 24, 24)
@@ -228,27 +245,27 @@ def test_minmax_per_image_is_per_sample() -> None:
 def test_adafuse_encoder_sharing_follows_the_pair() -> None:
     per_pair = {**TINY["adafuse"], "shared_encoder": {"CT-MRI": True, "PET-MRI": False}}
     assert len(tiny_net("adafuse", shared_encoder=True).encoders) == 1
-    assert len(adafuse.build(model=per_pair, pair="CT-MRI").encoders) == 1
-    assert len(adafuse.build(model=per_pair, pair="PET-MRI").encoders) == 2
+    assert len(build_tiny("adafuse", model=per_pair, pair="CT-MRI").encoders) == 1
+    assert len(build_tiny("adafuse", model=per_pair, pair="PET-MRI").encoders) == 2
     with pytest.raises(ConfigError, match="pair"):
-        adafuse.build(model=per_pair)
+        build_tiny("adafuse", model=per_pair)
     with pytest.raises(ConfigError, match="SPECT-MRI"):
-        adafuse.build(model=per_pair, pair="SPECT-MRI")
+        build_tiny("adafuse", model=per_pair, pair="SPECT-MRI")
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_bad_model_or_loss_settings_name_the_key(name: str) -> None:
     with pytest.raises(ConfigError, match="widthz"):
-        FACTORIES[name](model={**TINY[name], "widthz": [8]})
+        build_tiny(name, model={**TINY[name], "widthz": [8]})
     with pytest.raises(ConfigError, match="num_heads"):
-        FACTORIES[name](model={**TINY[name], "embed_dim": 15})
+        build_tiny(name, model={**TINY[name], "embed_dim": 15})
     with pytest.raises(ConfigError, match="ssim_weight"):
-        FACTORIES[name](model=TINY[name], loss={"ssim_weight": 1.0})
+        build_tiny(name, model=TINY[name], loss={"ssim_weight": 1.0})
 
 
 def test_empty_widths_are_rejected() -> None:
     with pytest.raises(ConfigError, match="widths"):
-        asfe_fusion.build(model={**TINY["asfe-fusion"], "widths": []})
+        build_tiny("asfe-fusion", model={**TINY["asfe-fusion"], "widths": []})
 
 
 # ----------------------------------------------------------------------------- the training loop

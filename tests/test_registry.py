@@ -59,7 +59,14 @@ def test_classical_settings_reach_the_constructor(params: dict) -> None:
         params["methods"]["dwt"]["wavelet"],
         params["methods"]["dwt"]["levels"],
     )
-    assert build_method("laplacian", {"levels": 2}).levels == 2
+    laplacian = {**method_config(params, "laplacian"), "levels": 2}
+    assert build_method("laplacian", laplacian).levels == 2
+
+
+def test_a_setting_missing_from_params_is_named_not_defaulted(params: dict) -> None:
+    dwt = {k: v for k, v in method_config(params, "dwt").items() if k != "mode"}
+    with pytest.raises(ConfigError, match=r"methods.dwt: missing key\(s\) mode"):
+        build_method("dwt", dwt)
 
 
 def test_unknown_method_is_a_config_error() -> None:

@@ -68,11 +68,11 @@ def test_augment_is_identical_for_both_images_and_seeded() -> None:
     seen = set()
     for seed in range(20):
         rng = np.random.default_rng(seed)
-        ta, tb = augment_pair(a, b, rng, Augment(), crop=6)
+        ta, tb = augment_pair(a, b, rng, Augment(True, True, True), crop=6)
         assert ta.shape == (6, 6)
         np.testing.assert_array_equal(tb, 255 - ta)  # the same crop, flips and turn
         seen.add(ta.tobytes())
-        again = augment_pair(a, b, np.random.default_rng(seed), Augment(), crop=6)
+        again = augment_pair(a, b, np.random.default_rng(seed), Augment(True, True, True), crop=6)
         np.testing.assert_array_equal(again[0], ta)
     assert len(seen) > 5
     off = augment_pair(a, b, np.random.default_rng(0), Augment(False, False, False), None)
@@ -81,7 +81,7 @@ def test_augment_is_identical_for_both_images_and_seeded() -> None:
 
 def test_dataset_items(tiny_prepared: Path) -> None:
     samples = PreparedData(tiny_prepared).samples("PET-MRI", "train")
-    data = PairDataset(samples, seed=1, augment=Augment(), crop=16)
+    data = PairDataset(samples, seed=1, augment=Augment(True, True, True), crop=16)
     a, b = data[0]
     assert a.dtype == torch.float32 and a.shape == (1, 16, 16) and b.shape == (1, 16, 16)
     assert a.min() >= 0.0 and a.max() <= 1.0

@@ -27,6 +27,7 @@ from medfuse.methods.wdualmine import (
     WDualmineConfig,
     build,
 )
+from tests.settings import section
 from tests.tiny import train_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -43,7 +44,7 @@ VARIANTS = {
 
 def tiny_model(seed: int = 0, loss: dict | None = None, **model: object):
     torch.manual_seed(seed)
-    return build(model={**TINY, **model}, loss=loss or {})
+    return build(**section("wdualmine", model={**TINY, **model}, loss=loss or {}))
 
 
 def images(
@@ -124,7 +125,8 @@ def test_wavelet_expert_rule() -> None:
 
 def _scale_fusion(**switches: bool) -> ScaleFusion:
     torch.manual_seed(0)
-    return ScaleFusion(4, WDualmineConfig(widths=(4, 8, 8, 8), channels_last=False, **switches))
+    model = section("wdualmine", model={"widths": (4, 8, 8, 8), "channels_last": False, **switches})
+    return ScaleFusion(4, WDualmineConfig(**model["model"]))
 
 
 def test_switches_select_the_expert_combination() -> None:
@@ -164,8 +166,15 @@ def test_both_experts_off_is_refused() -> None:
 
 
 def test_unknown_setting_is_refused() -> None:
-    with pytest.raises(ConfigError, match="unknown model settings"):
-        build(model={"widths": [4, 8, 8, 8], "width": 3}, loss={})
+    with pytest.raises(ConfigError, match="unknown key 'width' \\(did you mean 'widths'"):
+        build(**section("wdualmine", model={"width": 3}))
+
+
+def test_a_missing_setting_is_named_not_defaulted() -> None:
+    settings = section("wdualmine")
+    del settings["model"]["head_init_scale"]
+    with pytest.raises(ConfigError, match=r"model: missing key\(s\) head_init_scale"):
+        build(**settings)
 
 
 @pytest.mark.parametrize(

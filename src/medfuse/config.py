@@ -7,13 +7,14 @@ with the key that is wrong.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import os
 import re
 from collections.abc import Mapping, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jsonschema
 import yaml
@@ -33,6 +34,9 @@ PACKAGED_PARAMS = PACKAGED_PROJECT / DEFAULT_PARAMS
 PROFILES_DIR = Path("workflow") / "profiles"
 # The schema is the code's own contract with params.yaml, so it always comes with the package.
 SCHEMA_PATH = PACKAGED_PROJECT / "workflow" / "schemas" / "params.schema.yaml"
+
+
+ConfigT = TypeVar("ConfigT")
 
 
 def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -145,6 +149,36 @@ def validate(params: Mapping[str, Any], source: str = "params") -> None:
     if errors:
         raise ConfigError(f"{source}: {_describe(errors[0])}")
     _check_wavelets(params, source)
+
+
+def config_from_mapping(
+    cls: type[ConfigT], where: str, settings: Mapping[str, Any] | None
+) -> ConfigT:
+    """Build settings dataclass `cls` from the params section at `where`. The dataclasses hold
+    no defaults (params.yaml is the one place for them): a key missing here is an error, as is
+    an unknown one, each named."""
+    settings = dict(settings or {})
+    known = [f.name for f in dataclasses.fields(cls) if f.init]  # type: ignore[arg-type]
+    unknown = [key for key in settings if key not in known]
+    if unknown:
+        raise ConfigError(
+            f"{where}: "
+            + "; ".join(f"unknown key {key!r}{_did_you_mean(key, known)}" for key in unknown)
+        )
+    missing = [key for key in known if key not in settings]
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {', '.join(missing)} (set them in params.yaml)")
+    try:
+        return cls(**settings)
+    except (ConfigError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def setting(section: Mapping[str, Any], key: str, where: str) -> Any:
+    """`section[key]`, or one line naming the missing key (no default outside params.yaml)."""
+    if key not in section:
+        raise ConfigError(f"{where}: missing key {key!r} (set it in params.yaml)")
+    return section[key]
 
 
 def overlays_from_env() -> list[Path]:

@@ -30,14 +30,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medfuse.config import canonical_method, method_config
+from medfuse.config import (
+    canonical_method,
+    config_from_mapping,
+    deep_merge,
+    method_config,
+    setting,
+)
 from medfuse.data.colour import luma_pil, luma_uint8, recolour, recolour_opencv_yuv
 from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
 from medfuse.io import LOSSY_FORMATS, atomic_path, image_format, read_image, to_uint8, write_image
 from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import Fuser
-from medfuse.methods.peer_blocks import config_from_mapping
 from medfuse.methods.registry import build_method
 from medfuse.models import (
     META,
@@ -59,14 +64,14 @@ def default_fused_dir(method: str, pair: str, variant: str) -> Path:
 
 @dataclass(frozen=True)
 class OutputSettings:
-    """`methods.<m>.output`: how an RGB functional image becomes the grey input, and how the
-    fused [0, 1] luma becomes 8 bits and colour. The defaults are the project's convention
-    (BT.601 YCbCr, rounding); a method may take its authors' (MMIF-AMIN: PIL's luma,
-    truncation, OpenCV's YUV), so that its fusions are theirs to the bit."""
+    """params.yaml's `output` merged with `methods.<m>.output`: how an RGB functional image
+    becomes the grey input, and how the fused [0, 1] luma becomes 8 bits and colour. The
+    project's convention is BT.601 YCbCr with rounding; a method may take its authors'
+    (MMIF-AMIN: PIL's luma, truncation, OpenCV's YUV), so that its fusions are theirs to the bit."""
 
-    luma: str = "bt601"  # bt601: the YCbCr Y, rounded | pil: PIL's convert("L")
-    rounding: str = "round"  # round | truncate: x255 in float32, then cut (numpy's astype)
-    colour: str = "ycbcr"  # ycbcr: the functional image's Cb/Cr | opencv-yuv: its U/V
+    luma: str  # bt601: the YCbCr Y, rounded | pil: PIL's convert("L")
+    rounding: str  # round | truncate: x255 in float32, then cut (numpy's astype)
+    colour: str  # ycbcr: the functional image's Cb/Cr | opencv-yuv: its U/V
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -83,7 +88,8 @@ class OutputSettings:
         config = method_config(params, method, variant)
         if config.get("kind") == "pretrained":
             method, config = config["method"], method_config(params, config["method"])
-        return config_from_mapping(cls, f"methods.{method}.output", config.get("output"))
+        settings = {**setting(params, "output", "params"), **config.get("output", {})}
+        return config_from_mapping(cls, f"output (with methods.{method}.output)", settings)
 
     def functional_luma(self, rgb: np.ndarray) -> np.ndarray:
         return luma_pil(rgb) if self.luma == "pil" else luma_uint8(rgb)
@@ -147,10 +153,11 @@ def load_learned(
         meta = _weights_meta(weights)
     if meta.get("method") not in (None, method):
         raise ConfigError(f"{weights}: trained for method {meta['method']!r}, not {method!r}")
-    saved = meta.get("config", config)
-    net = build_learned(
-        method, json.loads(saved) if isinstance(saved, str) else saved, meta.get("pair", pair)
-    )
+    saved = meta.get("config", {})
+    # What the weights were trained with wins; a setting added to params.yaml since (so absent
+    # from an older model.json) comes from the current settings.
+    trained_as = deep_merge(config, json.loads(saved) if isinstance(saved, str) else saved)
+    net = build_learned(method, trained_as, meta.get("pair", pair))
     misfit = _misfit(net, state)
     if misfit is None:
         try:
@@ -221,9 +228,9 @@ def load_fuser(
                 f"{model_path}: no trained weights; run `medfuse train --method {method}"
                 f"{' --pair ' + pair if pair else ''} --variant {variant}` first"
             )
-        train = params.get("train", {})
-        device = resolve_device(device or train.get("device", "auto"))
-        resolved = resolve_precision(precision or train.get("precision"), device)
+        train = setting(params, "train", "params")
+        device = resolve_device(device or setting(train, "device", "train"))
+        resolved = resolve_precision(precision or setting(train, "precision", "train"), device)
         keep_freed_memory()
         return load_learned(method, config, Path(model_path), device, pair, resolved)
     raise ConfigError(
@@ -249,7 +256,7 @@ def write_fused(
     name: str,
     fused_y: np.ndarray,
     a_rgb: np.ndarray | None,
-    output: OutputSettings = OutputSettings(),
+    output: OutputSettings,
 ) -> None:
     """<name>.png (RGB when the functional image is colour) and y/<name>.png (grey luma)."""
     write_image(out_dir / "y" / f"{name}.png", fused_y)
@@ -268,7 +275,7 @@ def copy_published(
     if dataset not in params["data"]["datasets"]:
         raise ConfigError(f"published method needs a dataset in data.datasets, got {dataset!r}")
     source_dir = dataset_dir(params, dataset) / pair
-    resized = params["data"]["prepare"].get("image_size") is not None
+    resized = params["data"]["prepare"]["image_size"] is not None
     for _, row in rows.iterrows():
         name = str(row["name"])
         source = source_dir / f"{name}.png"

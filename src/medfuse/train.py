@@ -32,7 +32,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from medfuse.config import canonical_method, deep_merge, job_params, method_config, split_seed
+from medfuse.config import (
+    canonical_method,
+    deep_merge,
+    job_params,
+    method_config,
+    setting,
+    split_seed,
+)
 from medfuse.data.dataset import Augment, PairDataset
 from medfuse.data.prepared import PreparedData, Sample
 from medfuse.errors import ConfigError, DataError
@@ -90,25 +97,28 @@ def resolve_settings(
     precision: str | None = None,
 ) -> TrainSettings:
     # A method's own `train` section (e.g. whole images, no augmentation) overrides the global one.
-    train = deep_merge(params.get("train", {}), config.get("train", {}))
-    optim = config.get("optim", {})
-    resolved_device = resolve_device(device or train.get("device", "auto"))
-    resolved_precision = resolve_precision(precision or train.get("precision"), resolved_device)
-    n_epochs = int(epochs if epochs is not None else optim.get("epochs", 1))
+    train = deep_merge(setting(params, "train", "params"), config.get("train", {}))
+    optim = setting(config, "optim", "the method's settings")
+
+    resolved_device = resolve_device(device or setting(train, "device", "train"))
+    resolved_precision = resolve_precision(
+        precision or setting(train, "precision", "train"), resolved_device
+    )
+    n_epochs = int(epochs if epochs is not None else setting(optim, "epochs", "optim"))
     if n_epochs < 1:
         raise ConfigError(f"epochs must be >= 1, got {n_epochs}")
     return TrainSettings(
-        seed=int(params.get("seed", 0)),
+        seed=int(setting(params, "seed", "params")),
         epochs=n_epochs,
-        batch_size=int(optim.get("batch_size", 8)),
-        optimiser=str(optim.get("name", "adam")),
-        lr=float(optim.get("lr", 1e-4)),
-        weight_decay=float(optim.get("weight_decay", 0.0)),
-        image_size=train.get("image_size"),
-        augment=Augment.from_config(train.get("augment")),
-        max_steps_per_epoch=train.get("max_steps_per_epoch"),
-        sample_fusions=int(train.get("sample_fusions", 0)),
-        num_workers=int(train.get("num_workers", 0)),
+        batch_size=int(setting(optim, "batch_size", "optim")),
+        optimiser=str(setting(optim, "name", "optim")),
+        lr=float(setting(optim, "lr", "optim")),
+        weight_decay=float(setting(optim, "weight_decay", "optim")),
+        image_size=setting(train, "image_size", "train"),
+        augment=Augment.from_config(setting(train, "augment", "train")),
+        max_steps_per_epoch=setting(train, "max_steps_per_epoch", "train"),
+        sample_fusions=int(setting(train, "sample_fusions", "train")),
+        num_workers=int(setting(train, "num_workers", "train")),
         device=resolved_device,
         precision=resolved_precision,
     )

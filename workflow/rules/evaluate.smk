@@ -8,6 +8,7 @@ rule fuse:
         directory("results/fused/{method}/{pair}/{variant}"),
     params:
         settings=method_settings,
+        output_settings=PARAMS["output"],
         profile=PROFILE_ARG,
     log:
         "logs/fuse/{method}/{pair}/{variant}.log",

@@ -14,22 +14,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medfuse.config import config_from_mapping
 from medfuse.data.prepared import Sample
 
 
 @dataclass(frozen=True)
 class Augment:
-    hflip: bool = True
-    vflip: bool = True
-    rot90: bool = True
+    hflip: bool
+    vflip: bool
+    rot90: bool
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | bool | None) -> Augment:
-        if config is None or config is True:
-            return cls()
-        if config is False:
-            return cls(False, False, False)
-        return cls(**{k: bool(v) for k, v in config.items()})
+    def from_config(cls, config: Mapping[str, Any] | bool) -> Augment:
+        """`train.augment`: true or false for every transform, or one boolean each."""
+        if isinstance(config, bool):
+            return cls(config, config, config)
+        return config_from_mapping(cls, "train.augment", config)
 
 
 def augment_pair(

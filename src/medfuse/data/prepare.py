@@ -218,8 +218,8 @@ def prepare_from_params(
             split=cfg["split"],
             test_size=cfg["test_size"],
             seed=params["seed"],
-            image_size=cfg.get("image_size"),
-            max_pairs=cfg.get("max_pairs"),
+            image_size=cfg["image_size"],
+            max_pairs=cfg["max_pairs"],
         )
     for w in caught:
         log.warning("%s", w.message)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfuse.config import config_from_mapping
 from medfuse.errors import ConfigError
 from medfuse.methods.asfe_fusion import FusionLoss, LossConfig
 from medfuse.methods.peer_blocks import (
@@ -30,19 +31,18 @@ from medfuse.methods.peer_blocks import (
     PyramidEncoder,
     SwappedCrossAttentionFusion,
     UNetDecoder,
-    config_from_mapping,
 )
 
 
 @dataclass
 class AdaFuseConfig(BackboneConfig):
-    """`methods.adafuse.model`; defaults are the paper's values."""
+    """`methods.adafuse.model` (params.yaml holds the paper's values)."""
 
-    depth: int = 4  # transformer encoder blocks per branch before the swapped attention
-    mlp_ratio: float = 4.0
+    depth: int  # transformer encoder blocks per branch before the swapped attention
+    mlp_ratio: float
     # One encoder for both sources (the authors' CT-MRI model) or one per source (PET/SPECT).
     # In params.yaml either a boolean or a mapping pair -> boolean, resolved by `build(pair=...)`.
-    shared_encoder: bool = False
+    shared_encoder: bool
 
 
 def log_amplitude(x: torch.Tensor) -> torch.Tensor:

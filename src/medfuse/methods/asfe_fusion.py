@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfuse.config import config_from_mapping
 from medfuse.methods.blocks import gaussian_window
 from medfuse.methods.peer_blocks import (
     BackboneConfig,
@@ -30,7 +31,6 @@ from medfuse.methods.peer_blocks import (
     PyramidEncoder,
     SwappedCrossAttentionFusion,
     UNetDecoder,
-    config_from_mapping,
 )
 
 # ----------------------------------------------------------------------------- configuration
@@ -38,25 +38,25 @@ from medfuse.methods.peer_blocks import (
 
 @dataclass
 class ASFEConfig(BackboneConfig):
-    """`methods.asfe-fusion.model`; defaults are the paper's values."""
+    """`methods.asfe-fusion.model` (params.yaml holds the paper's values)."""
 
-    num_experts: int = 4
-    expert_slots: int = 256  # slots per expert (the authors' 1024 slots shared by 4 experts)
-    expert_mult: int = 4  # hidden width of each expert = expert_mult * 2C
-    mask_kernel: int = 7  # kernel of the spatial-attention mask in the frequency domain
+    num_experts: int
+    expert_slots: int  # slots per expert (the authors' 1024 slots shared by 4 experts)
+    expert_mult: int  # hidden width of each expert = expert_mult * 2C
+    mask_kernel: int  # kernel of the spatial-attention mask in the frequency domain
 
 
 @dataclass
 class LossConfig:
     """`methods.<name>.loss`: weights and SSIM settings of the ASFE-Fusion loss."""
 
-    intensity: float = 0.5
-    structure: float = 0.5
-    ssim: float = 1.0
-    ssim_window: int = 11
-    ssim_sigma: float = 1.5
+    intensity: float
+    structure: float
+    ssim: float
+    ssim_window: int
+    ssim_sigma: float
     # True reproduces the released code, whose SSIM term carries no gradient.
-    ssim_detached: bool = False
+    ssim_detached: bool
 
 
 # ----------------------------------------------------------------------------- loss

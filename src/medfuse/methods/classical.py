@@ -58,7 +58,7 @@ class DWTFusion:
 
     name = "dwt"
 
-    def __init__(self, wavelet: str = "db2", levels: int = 3, mode: str = "symmetric") -> None:
+    def __init__(self, wavelet: str, levels: int, mode: str) -> None:
         if levels < 1:
             raise ValueError(f"dwt: levels must be >= 1, got {levels}")
         self.wavelet = pywt.Wavelet(wavelet)  # fails at once on an unknown wavelet name
@@ -87,7 +87,7 @@ class LaplacianFusion:
 
     name = "laplacian"
 
-    def __init__(self, levels: int = 4, sigma: float | None = None) -> None:
+    def __init__(self, levels: int, sigma: float | None) -> None:
         if levels < 1:
             raise ValueError(f"laplacian: levels must be >= 1, got {levels}")
         self.levels = int(levels)

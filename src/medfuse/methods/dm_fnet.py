@@ -17,30 +17,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfuse.config import config_from_mapping
 from medfuse.errors import ConfigError
 from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import gaussian_window, sobel_magnitude
-from medfuse.methods.peer_blocks import config_from_mapping
 
 # ----------------------------------------------------------------------------- configuration
 
 
 @dataclass
 class UNetConfig:
-    """`methods.dm-fnet.stage1.model`; defaults are the paper's values."""
+    """`methods.dm-fnet.stage1.model` (params.yaml holds the paper's values)."""
 
-    base_channels: int = 128
-    channel_mults: Sequence[int] = field(default_factory=lambda: [1, 1, 1, 1, 2])
-    res_blocks: int = 2
-    norm_groups: int = 32
-    dropout: float = 0.2
+    base_channels: int
+    channel_mults: Sequence[int]
+    res_blocks: int
+    norm_groups: int
+    dropout: float
 
     def __post_init__(self) -> None:
         self.channel_mults = [int(m) for m in self.channel_mults]
@@ -68,11 +68,11 @@ class UNetConfig:
 class DiffusionConfig:
     """`methods.dm-fnet.stage1.diffusion`: the stage-1 noise schedule (the paper's: cosine)."""
 
-    timesteps: int = 2000
-    schedule: str = "cosine"  # cosine | linear
-    cosine_s: float = 8e-3
-    linear_start: float = 1e-6
-    linear_end: float = 1e-2
+    timesteps: int
+    schedule: str  # cosine | linear
+    cosine_s: float
+    linear_start: float
+    linear_end: float
 
     def __post_init__(self) -> None:
         check_schedule(self.schedule, self.timesteps, self.linear_start, self.linear_end)
@@ -82,14 +82,14 @@ class DiffusionConfig:
 class HeadConfig:
     """`methods.dm-fnet.model`: the fusion head and how it reads the frozen U-Net."""
 
-    timesteps: Sequence[int] = field(default_factory=lambda: [5, 10, 20])
+    timesteps: Sequence[int]
     # "linear": the authors' stage-2 config (betas 1e-6 -> 1e-2 over the stage-1 T steps);
     # "stage1": the schedule the U-Net was trained with.
-    feature_schedule: str = "linear"
-    linear_start: float = 1e-6
-    linear_end: float = 1e-2
-    reduction: int = 8  # channel reduction of the attention's channel branch
-    noise_seed: int = 0  # seeds every image's feature noise at inference (see DMFNet.forward)
+    feature_schedule: str
+    linear_start: float
+    linear_end: float
+    reduction: int  # channel reduction of the attention's channel branch
+    noise_seed: int  # seeds every image's feature noise at inference (see DMFNet.forward)
 
     def __post_init__(self) -> None:
         self.timesteps = [int(t) for t in self.timesteps]
@@ -105,11 +105,11 @@ class HeadConfig:
 class HeadLossConfig:
     """`methods.dm-fnet.loss`: weights of the three terms and the SSIM window (the paper's)."""
 
-    intensity: float = 1.5
-    gradient: float = 1.0
-    ssim: float = 0.5
-    ssim_window: int = 11
-    ssim_sigma: float = 1.5
+    intensity: float
+    gradient: float
+    ssim: float
+    ssim_window: int
+    ssim_sigma: float
 
 
 # ----------------------------------------------------------------------------- schedules

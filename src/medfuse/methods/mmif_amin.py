@@ -29,25 +29,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfuse.config import config_from_mapping
 from medfuse.errors import DataError
 from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import gaussian_window
-from medfuse.methods.peer_blocks import config_from_mapping
 
 # ----------------------------------------------------------------------------- configuration
 
 
 @dataclass
 class MMIFAMINConfig:
-    """`methods.mmif-amin.model`; defaults are the authors' values (their checkpoint's shapes)."""
+    """`methods.mmif-amin.model` (params.yaml holds the authors' values, their checkpoint's
+    shapes)."""
 
-    channels: int = 16  # width of the three branches, also the length of a transformer token
-    dense_blocks: int = 6  # blocks per dense branch
-    dense_growth: int = 4  # channels each conv of a residual-dense block adds
-    depth: int = 3  # transformer blocks in the shared layer
-    num_heads: int = 8  # shapes only the (inert) relative-position table
-    mlp_ratio: float = 4.0
-    unused_embed_dim: int = 96  # width of the authors' unused patch-embedding LayerNorm
+    channels: int  # width of the three branches, also the length of a transformer token
+    dense_blocks: int  # blocks per dense branch
+    dense_growth: int  # channels each conv of a residual-dense block adds
+    depth: int  # transformer blocks in the shared layer
+    num_heads: int  # shapes only the (inert) relative-position table
+    mlp_ratio: float
+    unused_embed_dim: int  # width of the authors' unused patch-embedding LayerNorm
 
     def __post_init__(self) -> None:
         for name in ("channels", "dense_blocks", "dense_growth", "depth", "num_heads"):
@@ -61,13 +62,13 @@ class MMIFAMINConfig:
 class MMIFAMINLossConfig:
     """`methods.mmif-amin.loss`: SSIM and RMI settings of the authors' loss (their values)."""
 
-    ssim_window: int = 11
-    ssim_sigma: float = 1.5
-    rmi_radius: int = 3  # side of the square regions whose pixels form one vector
-    rmi_pool: int = 3  # max-pool kernel and stride before the regions are taken
-    rmi_bce_weight: float = 0.5  # RMI = w * BCE-with-logits + (1 - w) * the RMI term
-    rmi_epsilon: float = 5.0e-4
-    weight_guard: float = 0.5  # each adaptive weight when both sources score 0 (authors: NaN)
+    ssim_window: int
+    ssim_sigma: float
+    rmi_radius: int  # side of the square regions whose pixels form one vector
+    rmi_pool: int  # max-pool kernel and stride before the regions are taken
+    rmi_bce_weight: float  # RMI = w * BCE-with-logits + (1 - w) * the RMI term
+    rmi_epsilon: float
+    weight_guard: float  # each adaptive weight when both sources score 0 (authors: NaN)
 
     def __post_init__(self) -> None:
         if self.ssim_window < 1 or self.rmi_radius < 1 or self.rmi_pool < 1:

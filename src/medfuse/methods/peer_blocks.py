@@ -18,9 +18,8 @@ the output, as the authors' test code does.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, TypeVar
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,37 +31,19 @@ from medfuse.methods.blocks import pad_to_multiple
 
 _EPS = 1e-8
 
-ConfigT = TypeVar("ConfigT")
-
-
-def config_from_mapping(
-    cls: type[ConfigT], where: str, settings: Mapping[str, Any] | None
-) -> ConfigT:
-    """Build settings dataclass `cls` from a params.yaml section; errors name the key."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(settings or {}) - known)
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
-    try:
-        return cls(**dict(settings or {}))
-    except (ConfigError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-
 
 @dataclass
 class BackboneConfig:
-    """Settings both peers share; defaults are the papers' values (`methods.<name>.model`)."""
+    """Settings both peers share (`methods.<name>.model`; params.yaml holds the papers' values)."""
 
-    stem_channels: int = 64
-    widths: Sequence[int] = field(default_factory=lambda: [112, 160, 208, 256])
-    patch_size: int = 16
-    embed_dim: int = 256
-    num_heads: int = 8
-    head_channels: int = 16  # channels of the last decoder stage, before the 1x1 output conv
-    normalize_inputs: bool = True  # per-image min-max of each source before the network
-    stretch_output: bool = True  # per-image min-max of the output (else clamp to [0, 1])
+    stem_channels: int
+    widths: Sequence[int]
+    patch_size: int
+    embed_dim: int
+    num_heads: int
+    head_channels: int  # channels of the last decoder stage, before the 1x1 output conv
+    normalize_inputs: bool  # per-image min-max of each source before the network
+    stretch_output: bool  # per-image min-max of the output (else clamp to [0, 1])
 
     def __post_init__(self) -> None:
         self.widths = [int(w) for w in self.widths]

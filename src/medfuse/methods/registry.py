@@ -9,6 +9,7 @@ a classical one returns a `Fuser`.
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,4 +47,15 @@ def build_method(name: str, config: Mapping[str, Any] | None = None) -> Any:
     """Instantiate method `name` from its (merged) config section of params.yaml."""
     factory = _resolve(name)
     settings = {k: v for k, v in (config or {}).items() if k != "kind"}
+    missing = [
+        p.name
+        for p in inspect.signature(factory).parameters.values()
+        if p.default is p.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        and p.name not in settings
+    ]
+    if missing:  # the classes hold no defaults: params.yaml is the one place for them
+        raise ConfigError(
+            f"methods.{name}: missing key(s) {', '.join(missing)} (set them in params.yaml)"
+        )
     return factory(**settings)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medfuse.config import config_from_mapping
 from medfuse.errors import ConfigError
 from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import (
@@ -62,16 +63,16 @@ SIZE_MULTIPLE = 16
 class WDualmineConfig:
     """The model's settings (params.yaml `methods.wdualmine.model`); switches are ablations."""
 
-    widths: tuple[int, ...] = (16, 32, 64, 128)
-    eca_kernel: int = 3
-    residual_scale: float = 0.5  # lambda in If = clip(avg + lambda * tanh(R), 0, 1)
-    reliability_eps: float = 1e-6
-    use_gce: bool = True
-    use_we: bool = True
-    use_sgm: bool = True
-    proj_dim: int = 64
-    head_init_scale: float = 0.1
-    channels_last: bool = True
+    widths: tuple[int, ...]
+    eca_kernel: int
+    residual_scale: float  # lambda in If = clip(avg + lambda * tanh(R), 0, 1)
+    reliability_eps: float
+    use_gce: bool
+    use_we: bool
+    use_sgm: bool
+    proj_dim: int
+    head_init_scale: float
+    channels_last: bool
 
     def __post_init__(self) -> None:
         if not (self.use_gce or self.use_we):
@@ -338,10 +339,5 @@ def build(
     change W-DUALMINE (one model per pair, same architecture); both are accepted so the whole
     method section can be passed through.
     """
-    known = set(WDualmineConfig.__dataclass_fields__)
-    model = dict(model or {})
-    unknown = sorted(set(model) - known)
-    if unknown:
-        raise ConfigError(f"wdualmine: unknown model settings {unknown}; known: {sorted(known)}")
-    cfg = WDualmineConfig(**model)
-    return WDualmine(cfg, LossWeights.from_config(loss or {}))
+    cfg = config_from_mapping(WDualmineConfig, "methods.wdualmine.model", model)
+    return WDualmine(cfg, config_from_mapping(LossWeights, "methods.wdualmine.loss", loss))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -41,26 +41,21 @@ def in_float32(loss: LossFn) -> LossFn:
 
 @dataclass(frozen=True)
 class LossWeights:
-    avg: float = 5.0
-    grad: float = 2.0
-    cc: float = 1.0
-    mi: float = 0.1
-    rec: float = 0.1
-    tau: float = 0.5
+    avg: float
+    grad: float
+    cc: float
+    mi: float
+    rec: float
+    tau: float
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> LossWeights:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise ConfigError(f"wdualmine loss: unknown settings {unknown}; known: {sorted(known)}")
-        weights = cls(**{k: float(v) for k, v in config.items()})
-        terms = [getattr(weights, name) for name in ("avg", "grad", "cc", "mi", "rec")]
+    def __post_init__(self) -> None:
+        for name in ("avg", "grad", "cc", "mi", "rec", "tau"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        terms = [getattr(self, name) for name in ("avg", "grad", "cc", "mi", "rec")]
         if any(w < 0 for w in terms) or not any(w > 0 for w in terms):
-            raise ConfigError(f"wdualmine loss: weights must be >= 0 and not all 0, got {config}")
-        if weights.tau <= 0:
-            raise ConfigError(f"wdualmine loss: tau must be > 0, got {weights.tau}")
-        return weights
+            raise ConfigError(f"weights must be >= 0 and not all 0, got {terms}")
+        if self.tau <= 0:
+            raise ConfigError(f"tau must be > 0, got {self.tau}")
 
 
 @in_float32
