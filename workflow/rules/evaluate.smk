@@ -29,6 +29,7 @@ rule evaluate:
         tracking=TRACKING_STAMP,
     output:
         per_pair="results/metrics/{convention}/{method}/{pair}/{variant}.csv",
+        mean_std="results/metrics/{convention}/{method}/{pair}/{variant}.summary.csv",
         summary="results/metrics/{convention}/{method}/{pair}/{variant}.json",
     params:
         stem=subpath(output.per_pair, strip_suffix=".csv"),

@@ -73,7 +73,7 @@ def comparison_table(
                 if np.isfinite(p_mean) and np.isfinite(mean)
                 else None,
             }
-        for extra in set(ours) - set(columns.values()):
+        for extra in sorted(set(ours) - set(columns.values())):
             row |= {f"{extra}_mean": ours[extra][0], f"{extra}_std": ours[extra][1]}
         rows.append(row)
     return pd.DataFrame(rows)
