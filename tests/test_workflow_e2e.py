@@ -14,6 +14,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -52,12 +54,50 @@ def _assert_outputs(repo: Path) -> None:
             assert (repo / f"results/figures/{stem}.{ext}").stat().st_size > 1000
 
 
+@dataclass
+class BackgroundRun:
+    """A command started in a repository copy, its output going to a log file."""
+
+    repo: Path
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen
+
+    def wait(self) -> str:
+        code = self.process.wait()
+        out = self.log.read_text()
+        assert code == 0, f"{self.process.args} failed:\n{out[-5000:]}"
+        return out
+
+
+@pytest.fixture(scope="module")
+def dvc_run(tmp_path_factory, repo_root, data_source: DataSource) -> Iterator[BackgroundRun]:
+    """The whole quick DAG with `dvc repro`, started before the Snakemake run and overlapping
+    it: DVC runs one stage at a time, so alone it leaves a core idle that Snakemake fills."""
+    repo = copy_repo(repo_root, tmp_path_factory.mktemp("dvc"))
+    env = mirror_env(repo, data_source)
+    set_param(repo, ["profile"], "quick")
+    log = repo.parent / "dvc-repro.log"
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            ["dvc", "repro"], cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT
+        )
+    run = BackgroundRun(repo, env, log, process)
+    yield run
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
 @pytest.fixture(scope="module")
 def quick_repo(tmp_path_factory, repo_root) -> Path:
     return copy_repo(repo_root, tmp_path_factory.mktemp("snakemake"))
 
 
-def test_snakemake_quick_profile_end_to_end(quick_repo: Path, data_source: DataSource):
+def test_snakemake_quick_profile_end_to_end(
+    quick_repo: Path, data_source: DataSource, dvc_run: BackgroundRun
+):
+    # dvc_run: DVC's whole run goes on alongside this one (checked by the next test).
     env = mirror_env(quick_repo, data_source)
     _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
     _assert_outputs(quick_repo)
@@ -79,13 +119,9 @@ def test_snakemake_quick_profile_end_to_end(quick_repo: Path, data_source: DataS
     assert out.count("output: results/models/") == 1
 
 
-def test_dvc_quick_profile_end_to_end_and_selective_rerun(
-    tmp_path_factory, repo_root, data_source: DataSource
-):
-    repo = copy_repo(repo_root, tmp_path_factory.mktemp("dvc"))
-    env = mirror_env(repo, data_source)
-    set_param(repo, ["profile"], "quick")
-    _run(["dvc", "repro"], repo, env)
+def test_dvc_quick_profile_end_to_end_and_selective_rerun(dvc_run: BackgroundRun):
+    repo, env = dvc_run.repo, dvc_run.env
+    dvc_run.wait()
     _assert_outputs(repo)
     out, _ = _run(["dvc", "repro"], repo, env)
     assert "Data and pipelines are up to date" in out
