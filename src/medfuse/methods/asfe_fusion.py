@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfuse.config import config_from_mapping
-from medfuse.methods.blocks import gaussian_window
+from medfuse.methods.blocks import gaussian_window, in_float32
 from medfuse.methods.peer_blocks import (
     BackboneConfig,
     PeerFusionNet,
@@ -107,14 +107,8 @@ class FusionLoss(nn.Module):
         term = 2.0 - ssim(fused, a, self.window) - ssim(fused, b, self.window)
         return term.detach() if self.config.ssim_detached else term
 
+    @in_float32
     def forward(
-        self, fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        # float32 even under mixed precision: SSIM's variances cancel badly in half precision.
-        with torch.autocast(device_type=fused.device.type, enabled=False):
-            return self._terms(fused.float(), a.float(), b.float())
-
-    def _terms(
         self, fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg = self.config

@@ -6,12 +6,33 @@ channels-last memory format, and no block loops over channels or pixels in Pytho
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+LossFn = TypeVar("LossFn", bound=Callable[..., Any])
+
+
+def in_float32(loss: LossFn) -> LossFn:
+    """Run a loss (a function or a module's forward) in float32 whatever the network's
+    precision: autocast off, tensor arguments cast up. Means, softmax, correlations and SSIM's
+    variances lose too much in bfloat16 (8 significant bits), while a loss costs little next
+    to the network."""
+
+    @functools.wraps(loss)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(device_type=device, enabled=False):
+            return loss(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
 
 # Sobel kernels (horizontal derivative, vertical derivative), stacked as (2, 1, 3, 3).
 _SOBEL = torch.tensor(

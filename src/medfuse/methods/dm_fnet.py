@@ -27,7 +27,7 @@ from torch import nn
 from medfuse.config import config_from_mapping
 from medfuse.errors import ConfigError
 from medfuse.methods.base import FusionNet
-from medfuse.methods.blocks import gaussian_window, sobel_magnitude
+from medfuse.methods.blocks import gaussian_window, in_float32, sobel_magnitude
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -493,14 +493,8 @@ class HeadLoss(nn.Module):
         window = gaussian_window(config.ssim_window, config.ssim_sigma)
         self.register_buffer("window", window, persistent=False)
 
+    @in_float32
     def forward(
-        self, fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        # float32 even under mixed precision: SSIM's variances cancel badly in half precision.
-        with torch.autocast(device_type=fused.device.type, enabled=False):
-            return self._terms(fused.float(), a.float(), b.float())
-
-    def _terms(
         self, fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
         cfg, window = self.config, self.window.to(fused)

@@ -32,7 +32,7 @@ from torch import nn
 from medfuse.config import config_from_mapping
 from medfuse.errors import DataError
 from medfuse.methods.base import FusionNet
-from medfuse.methods.blocks import gaussian_window
+from medfuse.methods.blocks import gaussian_window, in_float32
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -389,21 +389,18 @@ class MMIFAMINLoss(nn.Module):
         en_a, en_b = share(entropy_bits(a), entropy_bits(b), guard)
         return {"ag_a": ag_a, "ag_b": ag_b, "en_a": en_a, "en_b": en_b}
 
+    @in_float32  # (and float64 inside RMI): its covariance inverses cancel badly otherwise
     def forward(
         self, fused: torch.Tensor, a: torch.Tensor, b: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        # float32 (and float64 for RMI) even under mixed precision: SSIM's variances and the
-        # covariance inverses cancel badly in half precision.
-        with torch.autocast(device_type=fused.device.type, enabled=False):
-            fused, a, b = fused.float(), a.float(), b.float()
-            w = self.weights(a, b)
-            terms = {
-                "ssim_a": w["ag_a"] * (1 - ssim_valid(fused, a, self.window)),
-                "ssim_b": w["ag_b"] * (1 - ssim_valid(fused, b, self.window)),
-                "rmi_a": w["en_a"] * rmi_loss(fused, a, self.config),
-                "rmi_b": w["en_b"] * rmi_loss(fused, b, self.config),
-            }
-            total = terms["ssim_a"] + terms["ssim_b"] + terms["rmi_a"] + terms["rmi_b"]
+        w = self.weights(a, b)
+        terms = {
+            "ssim_a": w["ag_a"] * (1 - ssim_valid(fused, a, self.window)),
+            "ssim_b": w["ag_b"] * (1 - ssim_valid(fused, b, self.window)),
+            "rmi_a": w["en_a"] * rmi_loss(fused, a, self.config),
+            "rmi_b": w["en_b"] * rmi_loss(fused, b, self.config),
+        }
+        total = terms["ssim_a"] + terms["ssim_b"] + terms["rmi_a"] + terms["rmi_b"]
         logged = {name: float(value.detach()) for name, value in terms.items()}
         return total.float(), {**logged, **w, "total": float(total.detach())}
 

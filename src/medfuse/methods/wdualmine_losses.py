@@ -7,36 +7,16 @@ L = w_avg L_avg + w_grad L_grad + w_cc L_cc + w_mi L_mi + w_rec L_rec, weights f
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from medfuse.errors import ConfigError
-from medfuse.methods.blocks import sobel_magnitude, spatial_mean
+from medfuse.methods.blocks import in_float32, sobel_magnitude, spatial_mean
 
 _CC_EPS = 1e-8
-
-LossFn = TypeVar("LossFn", bound=Callable[..., torch.Tensor])
-
-
-def in_float32(loss: LossFn) -> LossFn:
-    """Run a loss term in float32 whatever the network's precision: autocast off, tensor
-    arguments cast up. Its means, softmax and correlations lose too much in bfloat16 (8
-    significant bits), while the term itself costs little next to the network."""
-
-    @functools.wraps(loss)
-    def wrapper(*args: Any, **kwargs: Any) -> torch.Tensor:
-        args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
-        device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-        with torch.autocast(device_type=device, enabled=False):
-            return loss(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
