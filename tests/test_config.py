@@ -337,3 +337,13 @@ def test_a_params_file_missing_a_key_is_refused_naming_it(tmp_path, repo_root, s
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=rf"{section or '<top level>'}: '{key}' is a required"):
         load_params(path)
+
+
+def test_every_study_overlay_loads_over_the_studys_starting_point(repo_root):
+    """docs/study/run.sh merges base.yaml, then one overlay: each must stay a valid params set."""
+    study = repo_root / "docs" / "study"
+    overlays = sorted(study.glob("*.yaml"))
+    assert len(overlays) >= 9
+    for overlay in overlays:
+        params = load_params(repo_root / "params.yaml", [study / "base.yaml", overlay])
+        assert params["methods"]["wdualmine"]["model"]["head_init_scale"] in (0.0, 0.01, 0.1)
