@@ -24,9 +24,9 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def params() -> dict:
-    from medfuse.config import load_params
+    from tests.settings import project_params
 
-    return load_params(REPO / "params.yaml")
+    return project_params()
 
 
 @pytest.fixture(scope="session")

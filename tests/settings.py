@@ -13,10 +13,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @cache
-def _params() -> dict[str, Any]:
+def project_params() -> dict[str, Any]:
+    """The repository's params.yaml, loaded once per test session (the `params` fixture)."""
     return load_params(REPO / "params.yaml")
 
 
 def section(method: str, variant: str = "full", **overrides: Any) -> dict[str, Any]:
     """`methods.<method>` (with `variant`) from params.yaml, `overrides` merged per key."""
-    return deep_merge(method_config(_params(), method, variant), overrides)
+    return deep_merge(method_config(project_params(), method, variant), overrides)
