@@ -16,7 +16,7 @@ def test_help_lists_every_command(capsys):
     except SystemExit as exc:
         assert exc.code == 0
     out = capsys.readouterr().out
-    for command in ("download", "prepare", "train", "fuse", "evaluate", "report"):
+    for command in ("download", "prepare", "train", "fuse", "evaluate", "report", "snapshot"):
         assert command in out
 
 
@@ -59,6 +59,7 @@ def test_entry_point_is_installed(repo_root):
         ["fuse"],
         ["evaluate", "--pair", "CT-MRI", "--fused", "x"],
         ["report"],
+        ["snapshot", "--out", "x"],
         ["init-tracking"],
     ],
 )

@@ -78,6 +78,14 @@ def _cmd_report(args: argparse.Namespace) -> None:
     build_report(_params(args), results_dir=args.results, out_dir=args.out)
 
 
+def _cmd_snapshot(args: argparse.Namespace) -> None:
+    from medfuse.config import params_file
+    from medfuse.report.snapshot import snapshot
+
+    path = params_file(args.params)
+    print(snapshot(_params(args), args.out, args.results, path, args.overlay))
+
+
 def _cmd_init_tracking(args: argparse.Namespace) -> None:
     import json
 
@@ -218,6 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", type=Path, default=Path("results"))
     p.add_argument("--out", type=Path, default=None)
     p.set_defaults(handler=_cmd_report)
+
+    p = sub.add_parser(
+        "snapshot",
+        help="copy a run's small evidence (report, tables, figures, metric summaries, model "
+        "settings and histories, parameters, machine) into a folder to commit",
+    )
+    _add_common(p)
+    p.add_argument("--results", type=Path, default=Path("results"))
+    p.add_argument(
+        "--out", type=Path, required=True, help="folder, replaced whole (its README.md is kept)"
+    )
+    p.set_defaults(handler=_cmd_snapshot)
 
     p = sub.add_parser("init-tracking", help="create or migrate the MLflow store once")
     _add_common(p)

@@ -244,6 +244,12 @@ def resolve_paths(params: dict[str, Any], root: Path) -> dict[str, Any]:
     return resolved
 
 
+def parameter_files(path: Path, overlays: Sequence[str | Path], profile: str) -> list[Path]:
+    """What load_params merges over `path`, in order: the profile's overlay, `overlays`, then
+    $MEDFUSE_PARAMS_OVERLAY's."""
+    return [profile_overlay(profile, path.parent), *map(Path, overlays), *overlays_from_env()]
+
+
 def load_params(
     path: str | Path = DEFAULT_PARAMS,
     overlays: Sequence[str | Path] | None = None,
@@ -259,8 +265,7 @@ def load_params(
     params = _read_yaml(path)
     profile = profile or os.environ.get(PROFILE_ENV) or params.get("profile", "paper")
     params["profile"] = profile
-    overlay_paths = [profile_overlay(profile, path.parent)]
-    overlay_paths += [Path(p) for p in (overlays or [])] + overlays_from_env()
+    overlay_paths = parameter_files(path, overlays or [], profile)
     for overlay in overlay_paths:
         params = deep_merge(params, _read_yaml(overlay))
     names = " + ".join(str(p) for p in [path, *overlay_paths])

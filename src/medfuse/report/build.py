@@ -110,6 +110,17 @@ def write_tables(
     return markdown, comparisons
 
 
+def remove_stale(folder: Path, written: set[Path] | list[Path]) -> None:
+    """Delete the files of `folder` this report did not write, e.g. a pair's tables from a run
+    with other `experiments.pairs`: DVC empties the folder before the stage, Snakemake does not,
+    and `medfuse snapshot` copies the folder whole."""
+    keep = set(written)
+    for path in folder.iterdir():
+        if path.is_file() and path not in keep:
+            log.info("removing %s (not written by this report)", path)
+            path.unlink()
+
+
 def build_report(
     params: Mapping[str, Any], results_dir: str | Path = RESULTS, out_dir: str | Path | None = None
 ) -> Path:
@@ -134,6 +145,9 @@ def build_report(
     written += metric_figures(params, per_pair, out / "figures")
     report = out / "report.md"
     figures = [p for p in written if p.suffix == ".png"]
+    written_tables = {out / "tables" / f"{key}.{ext}" for key in markdown for ext in ("csv", "md")}
+    remove_stale(out / "tables", written_tables)
+    remove_stale(out / "figures", written)
     text = render_report(params, per_pair, markdown, comparisons, others, figures, out)
     write_text_atomic(report, text)
     log.info("report written to %s (%d figure files)", report, len(written))
