@@ -96,6 +96,7 @@ def test_snapshot_copies_the_plans_evidence_and_never_weights(tmp_path: Path, ru
     assert resolved["experiments"]["pairs"] == ["CT-MRI"] and resolved["profile"] == "quick"
     machine = json.loads((out / "machine.json").read_text())
     assert machine["logical_cpus"] >= 1 and machine["torch"] and machine["profile"] == "quick"
+    assert set(machine["cpu_flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
     assert not list(out.parent.glob(".reference*")), "temporary folders left behind"
 
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 KEPT = "README.md"  # the destination's hand-written description, carried over
 REPORT_PARTS = ("report.md", "tables/*.csv", "tables/*.md", "figures/*.png")
 MODEL_PARTS = ("model.json", "history.csv")
+# The CPU features that set training speed and the precision `auto` picks (medfuse.precision).
+SPEED_FLAGS = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
 REPORT_OUT = "results/report.md"  # as dvc.yaml's report stage names it
 
 
@@ -77,7 +79,8 @@ def machine_facts(params: Mapping[str, Any]) -> dict[str, Any]:
         "profile": params["profile"],
         "train_precision_setting": params["train"]["precision"],
         "platform": platform.platform(),
-        "cpu": _cpu_model(),
+        "cpu": _cpu_info("model name"),
+        "cpu_flags": sorted(set(_cpu_info("flags").split()) & SPEED_FLAGS),
         "logical_cpus": os.cpu_count(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "cpu_fast_bf16_amx": cpu_has_fast_bf16(),
@@ -87,13 +90,16 @@ def machine_facts(params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str:
+def _cpu_info(field: str) -> str:
+    """A field of the first CPU in /proc/cpuinfo ("" where there is none, e.g. not Linux)."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor() or "unknown"
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown"
+        return ""
+    values = [
+        line.split(":", 1)[1].strip() for line in lines if line.split(":")[0].strip() == field
+    ]
+    return values[0] if values else ""
 
 
 def _parameter_files(
