@@ -54,6 +54,26 @@ def _assert_outputs(repo: Path) -> None:
             assert (repo / f"results/figures/{stem}.{ext}").stat().st_size > 1000
 
 
+def _assert_snapshot(repo: Path, env: dict[str, str], made_by_dvc: bool) -> None:
+    """`medfuse snapshot` of the run copies every evaluation summary and model description,
+    no weights or PDFs, keeps the folder's README, and takes dvc.lock only from a DVC run."""
+    _run(["medfuse", "snapshot", "--profile", "quick", "--out", "docs/reference"], repo, env)
+    results, out = repo / "results", repo / "docs/reference"
+
+    def files(root: Path, pattern: str) -> set[str]:
+        return {p.relative_to(root).as_posix() for p in root.glob(pattern)}
+
+    for pattern in ("metrics/**/*.json", "models/**/model.json", "stage1/**/history.csv"):
+        assert files(results, pattern) and files(out, pattern) == files(results, pattern)
+    assert len(files(out, "metrics/**/*.json")) == 76  # 38 fusions x 2 conventions
+    assert (out / "report.md").read_bytes() == (results / "report.md").read_bytes()
+    assert not files(out, "**/*.pt") and not files(out, "**/*.pdf")
+    assert (out / "README.md").read_bytes() == subprocess.run(
+        ["git", "show", "HEAD:docs/reference/README.md"], cwd=repo, capture_output=True
+    ).stdout
+    assert (out / "dvc.lock").is_file() == made_by_dvc
+
+
 @dataclass
 class BackgroundRun:
     """A command started in a repository copy, its output going to a log file."""
@@ -103,6 +123,7 @@ def test_snakemake_quick_profile_end_to_end(
     _assert_outputs(quick_repo)
     out, _ = _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
     assert "Nothing to be done" in out
+    _assert_snapshot(quick_repo, env, made_by_dvc=False)
 
     # A second-stage setting of DM-FNet retrains its head, never its first stage.
     params = (quick_repo / "params.yaml").read_text()
@@ -125,6 +146,7 @@ def test_dvc_quick_profile_end_to_end_and_selective_rerun(dvc_run: BackgroundRun
     _assert_outputs(repo)
     out, _ = _run(["dvc", "repro"], repo, env)
     assert "Data and pipelines are up to date" in out
+    _assert_snapshot(repo, env, made_by_dvc=True)
     metrics, _ = _run(["dvc", "metrics", "show"], repo, env)
     assert "results/metrics/paper/wdualmine/CT-MRI/full.json" in metrics
     plots, _ = _run(["dvc", "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)
