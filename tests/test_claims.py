@@ -299,8 +299,7 @@ def test_the_papers_own_tables_are_checked_too():
 # --- the report -----------------------------------------------------------------------------
 
 
-def test_the_report_opens_with_the_claims_after_what_was_run(tmp_path, params, monkeypatch):
-    monkeypatch.setattr(markdown, "tracking_runs", lambda _params: pd.DataFrame())
+def test_the_report_opens_with_the_claims_after_what_was_run(tmp_path, params):
     per_pair = pd.concat(
         [_per_pair(m, "CT-MRI", "full", e) for m, e in [("wdualmine", 4.3), ("average", 4.2)]]
     )

@@ -449,7 +449,8 @@ def test_stage1_resume_after_a_kill_equals_an_uninterrupted_run(
     two_stage_params, tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Stage 1 draws t, γ and ε from the global generators: the checkpoint must carry them."""
-    from medfuse.models import CHECKPOINT, WEIGHTS, load_checkpoint
+    from medfuse.models import load_checkpoint
+    from medfuse.plan import CHECKPOINT, WEIGHTS
     from medfuse.train import train_from_params
 
     job = {"method": "dm-fnet", "pair": "all", "stage1": True, "epochs": 2}

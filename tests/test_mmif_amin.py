@@ -29,7 +29,8 @@ from medfuse.methods.mmif_amin import (
     rmi_term,
     ssim_valid,
 )
-from medfuse.models import CHECKPOINT, WEIGHTS, build_learned, load_checkpoint, save_weights
+from medfuse.models import build_learned, load_checkpoint, save_weights
+from medfuse.plan import CHECKPOINT, WEIGHTS
 from tests.settings import section
 
 REPO = Path(__file__).resolve().parents[1]

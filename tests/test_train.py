@@ -16,13 +16,11 @@ from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
 from medfuse.methods.wdualmine import WDualmine
 from medfuse.models import (
-    CHECKPOINT,
-    META,
-    WEIGHTS,
     load_checkpoint,
     resolve_device,
     save_checkpoint,
 )
+from medfuse.plan import CHECKPOINT, META, WEIGHTS
 from medfuse.precision import resolve_precision
 from medfuse.train import resolve_settings, train_from_params
 

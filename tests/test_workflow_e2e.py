@@ -39,7 +39,14 @@ def _run(cmd: list[str], repo: Path, env: dict[str, str]) -> tuple[str, float]:
 def _assert_outputs(repo: Path) -> None:
     report = (repo / "results/report.md").read_text()
     assert "W-DUALMINE reproduction report" in report and "Profile `quick`" in report
-    assert "| train | wdualmine | CT-MRI | full | `" in report  # MLflow run ids listed
+    # The runs behind the numbers: each training's, each job's own fusion and evaluations.
+    # model, trained on, variant, seed, epochs, precision, time, step, run
+    trained = (
+        r"\| wdualmine \| CT-MRI \| full \| \d+ \| \d+ \| \w+ \|[^|]+\|[^|]+\| `[0-9a-f]{32}` \|"
+    )
+    assert re.search(trained, report), report[report.index("## Trainings") :]
+    assert re.search(r"\| dm-fnet \(first stage\) \| all \| full \| \d+ \|", report)
+    assert "not trained" not in report and "not found" not in report
     for n in range(1, 6):
         assert (repo / f"results/tables/table{n}.csv").is_file()
         assert (repo / f"results/tables/table{n}.md").is_file()

@@ -45,14 +45,12 @@ from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import Fuser
 from medfuse.methods.registry import build_method
 from medfuse.models import (
-    META,
-    WEIGHTS,
     build_learned,
     load_checkpoint,
     predict_pair,
     resolve_device,
 )
-from medfuse.plan import Job, model_dir, trained_on
+from medfuse.plan import META, WEIGHTS, Job, model_dir, trained_on
 from medfuse.precision import resolve_precision
 
 log = logging.getLogger(__name__)

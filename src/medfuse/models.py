@@ -22,12 +22,8 @@ from medfuse.errors import ConfigError, DataError
 from medfuse.io import atomic_path
 from medfuse.methods.base import FusionNet
 from medfuse.methods.registry import build_method
+from medfuse.plan import META, WEIGHTS
 from medfuse.precision import autocast
-
-CHECKPOINT = "checkpoint.pt"
-WEIGHTS = "model.pt"
-META = "model.json"
-HISTORY = "history.csv"
 
 
 def build_learned(method: str, config: Mapping[str, Any], pair: str | None) -> FusionNet:

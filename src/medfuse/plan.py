@@ -21,6 +21,11 @@ from medfuse.config import canonical_method, method_config, seeded_variant
 from medfuse.errors import ConfigError, DataError
 
 RESULTS = Path("results")
+# The files of a model folder: written by training, read by fusion, the report and the snapshot.
+CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "model.pt"
+META = "model.json"
+HISTORY = "history.csv"
 # The pair name of a model trained on the training images of every pair.
 ALL_PAIRS = "all"
 

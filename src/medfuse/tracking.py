@@ -34,6 +34,8 @@ _SQLITE = "sqlite:///"
 _SERVER_SCHEMES = ("http://", "https://")
 _BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 _PARAM_MAX = 6000  # MLflow's limit of characters per param value
+# The tags that name a run's job; an evaluation adds its convention.
+JOB_TAGS = ("step", "method", "pair", "variant", "convention")
 
 
 def tracking_uri(params: Mapping[str, Any]) -> str:
@@ -348,7 +350,9 @@ def _open_run(
 
 def list_runs(params: Mapping[str, Any]) -> Any:
     """Every run of the project's store (all pair experiments) as a pandas DataFrame with
-    run_id, run_name, status and the job tags (step, method, pair, variant), newest first."""
+    run_id, run_name, status, start_time (ms), the job tags (step, method, pair, variant),
+    an evaluation's convention and the folder the run wrote or scored (`location`: a fusion's
+    out_dir, an evaluation's fused_dir, a training's out_dir), newest first."""
     import pandas as pd
 
     uri = init_store(params)
@@ -367,10 +371,15 @@ def list_runs(params: Mapping[str, Any]) -> Any:
                 "run_id": run.info.run_id,
                 "run_name": run.info.run_name,
                 "status": run.info.status,
-                **{key: tags.get(key, "") for key in ("step", "method", "pair", "variant")},
+                "start_time": run.info.start_time,
+                **{key: tags.get(key, "") for key in JOB_TAGS},
+                "location": tags.get("fused_dir")
+                or tags.get("out_dir")
+                or run.data.params.get("out_dir", ""),
             }
         )
-    return pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
+    return frame.sort_values("start_time", ascending=False) if rows else frame
 
 
 def end_stale_runs(

@@ -47,10 +47,6 @@ from medfuse.io import to_uint8, write_image, write_text_atomic
 from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import FusionNet
 from medfuse.models import (
-    CHECKPOINT,
-    HISTORY,
-    META,
-    WEIGHTS,
     build_learned,
     load_checkpoint,
     parameter_count,
@@ -59,7 +55,7 @@ from medfuse.models import (
     save_checkpoint,
     save_weights,
 )
-from medfuse.plan import ALL_PAIRS, model_dir, stage1_dir
+from medfuse.plan import ALL_PAIRS, CHECKPOINT, HISTORY, META, WEIGHTS, model_dir, stage1_dir
 from medfuse.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from medfuse.data.prepared import PreparedData
 from medfuse.errors import DataError
 from medfuse.io import read_image, write_text_atomic
 from medfuse.plan import RESULTS, Job, fusion_jobs
-from medfuse.report import claims, figures, releases, tables
+from medfuse.report import claims, figures, provenance, releases, tables
 from medfuse.report.markdown import render_report
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,9 @@ def build_report(
                 pair: tables.extra_metrics_markdown(extra, pair, params["report"]["std_ddof"])
                 for pair in params["experiments"]["pairs"]
             }
+    markdown["trainings"] = provenance.trainings_markdown(params, Path(results_dir))
+    conventions = params["evaluate"]["conventions"]
+    markdown["runs"] = provenance.runs_markdown(provenance.tracking_runs(params), jobs, conventions)
     written = qualitative_figures(params, jobs, out / "figures")
     written += metric_figures(params, per_pair, out / "figures")
     report = out / "report.md"

@@ -16,17 +16,6 @@ from medfuse.tracking import git_commit
 log = logging.getLogger(__name__)
 
 
-def tracking_runs(params: Mapping[str, Any]) -> pd.DataFrame:
-    """Every MLflow run of the project's store with the tags that identify its job."""
-    try:
-        from medfuse.tracking import list_runs
-
-        return list_runs(params)
-    except Exception as exc:  # the report must not fail because the store is unreachable
-        log.warning("could not read MLflow runs: %s", exc)
-        return pd.DataFrame()
-
-
 def _agreement_summary(comparisons: Mapping[str, pd.DataFrame]) -> list[str]:
     """How many of our means fall within the paper's ± std, per compared method, from the
     comparison tables (1-3) as the report wrote them."""
@@ -86,19 +75,6 @@ def _fmi_note(per_pair: pd.DataFrame) -> str:
         + ". No FMI variant reproduces the paper's FMI column from those images "
         "(docs/metrics.md), so FMI comparisons with the paper are indicative only."
     )
-
-
-def _runs_markdown(runs: pd.DataFrame) -> str:
-    if runs.empty:
-        return "No MLflow runs found in the tracking store.\n"
-    runs = runs.sort_values(["step", "method", "pair", "variant"])
-    lines = ["| step | method | pair | variant | run id |", "|---|---|---|---|---|"]
-    for _, r in runs.iterrows():
-        lines.append(
-            f"| {r.get('step', '')} | {r.get('method', '')} | {r.get('pair', '')} "
-            f"| {r.get('variant', '')} | `{r.get('run_id', '')}` |"
-        )
-    return "\n".join(lines) + "\n"
 
 
 def render_report(
@@ -170,8 +146,13 @@ def render_report(
         sections += [f"## Every metric, `{convention}` convention", "", *per_pair_md.values()]
     sections += ["## Figures", ""]
     sections += [f"![{f.stem}]({f.relative_to(out).as_posix()})\n" for f in figure_files]
-    sections += ["## MLflow runs", "", _runs_markdown(tracking_runs(params))]
+    sections += [
+        "## Trainings and MLflow runs",
+        "",
+        markdown.get("trainings"),
+        markdown.get("runs"),
+    ]
     return "\n".join(s for s in sections if s is not None) + "\n"
 
 
-__all__ = ["render_report", "tracking_runs"]
+__all__ = ["render_report"]

@@ -26,13 +26,22 @@ import yaml
 
 from medfuse.config import DEFAULT_PARAMS, parameter_files
 from medfuse.errors import DataError
-from medfuse.plan import RESULTS, fusion_jobs, model_dir, stage1_dir, stage1_methods, training_jobs
+from medfuse.plan import (
+    HISTORY,
+    META,
+    RESULTS,
+    fusion_jobs,
+    model_dir,
+    stage1_dir,
+    stage1_methods,
+    training_jobs,
+)
 
 log = logging.getLogger(__name__)
 
 KEPT = "README.md"  # the destination's hand-written description, carried over
 REPORT_PARTS = ("report.md", "tables/*.csv", "tables/*.md", "figures/*.png")
-MODEL_PARTS = ("model.json", "history.csv")
+MODEL_PARTS = (META, HISTORY)
 # The CPU features that set training speed and the precision `auto` picks (medfuse.precision).
 SPEED_FLAGS = {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"}
 REPORT_OUT = "results/report.md"  # as dvc.yaml's report stage names it
