@@ -32,6 +32,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from tests.settings import ONE_PAIR_EXPERIMENTS
 from tests.workspace import DataSource, mirror_env
 
 VENV_BIN = Path(sys.executable).parent
@@ -541,15 +542,7 @@ def start_seaweedfs(base: Path, bucket: str = "lab-dvc") -> Iterator[S3Server]:
 # report, all), about 50 s on 2 CPU cores. An overlay, so Snakemake and every `medfuse` command
 # see the same job list.
 REDUCED_DAG = {
-    "experiments": {
-        "pairs": ["CT-MRI"],
-        "learned": ["wdualmine"],
-        "unified": [],
-        "pretrained": [],
-        "published": [],
-        "classical": ["average"],
-        "ablations": [],
-    },
+    "experiments": ONE_PAIR_EXPERIMENTS,
     "evaluate": {"conventions": ["paper"]},
 }
 

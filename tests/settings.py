@@ -10,6 +10,17 @@ from typing import Any
 from medfuse.config import deep_merge, load_params, method_config
 
 REPO = Path(__file__).resolve().parents[1]
+# `experiments` cut to one pair, W-DUALMINE and plain averaging: the smallest job list that
+# still has a trained and a classical method.
+ONE_PAIR_EXPERIMENTS = {
+    "pairs": ["CT-MRI"],
+    "learned": ["wdualmine"],
+    "unified": [],
+    "pretrained": [],
+    "published": [],
+    "classical": ["average"],
+    "ablations": [],
+}
 
 
 @cache

@@ -12,22 +12,14 @@ import yaml
 from medfuse.config import load_params
 from medfuse.plan import Job
 from medfuse.report.provenance import runs_markdown, trainings_markdown
-from tests.settings import REPO
-
-ONE_PAIR = {
-    "pairs": ["CT-MRI"],
-    "learned": ["wdualmine"],
-    "unified": [],
-    "pretrained": [],
-    "published": [],
-    "classical": ["average"],
-    "ablations": [],
-}
+from tests.settings import ONE_PAIR_EXPERIMENTS, REPO
 
 
 def test_each_trained_model_gets_its_run_time_and_step(tmp_path: Path) -> None:
     overlay = tmp_path / "one_pair.yaml"
-    overlay.write_text(yaml.safe_dump({"experiments": {**ONE_PAIR, "extra_seeds": [7]}}))
+    overlay.write_text(
+        yaml.safe_dump({"experiments": {**ONE_PAIR_EXPERIMENTS, "extra_seeds": [7]}})
+    )
     params = load_params(REPO / "params.yaml", [overlay], "quick")
     model = tmp_path / "results/models/wdualmine/CT-MRI/full"
     model.mkdir(parents=True)

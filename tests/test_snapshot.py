@@ -15,18 +15,7 @@ from medfuse.config import load_params
 from medfuse.errors import DataError
 from medfuse.report.build import remove_stale
 from medfuse.report.snapshot import snapshot
-from tests.settings import REPO
-
-# A run of W-DUALMINE and averaging on CT-MRI only.
-EXPERIMENTS = {
-    "pairs": ["CT-MRI"],
-    "learned": ["wdualmine"],
-    "unified": [],
-    "pretrained": [],
-    "published": [],
-    "classical": ["average"],
-    "ablations": [],
-}
+from tests.settings import ONE_PAIR_EXPERIMENTS, REPO
 
 
 def _write(path: Path, text: str = "x") -> Path:
@@ -39,7 +28,9 @@ def _write(path: Path, text: str = "x") -> Path:
 def run(tmp_path: Path) -> tuple[dict, Path, Path]:
     """The params, results folder and overlay of a finished CT-MRI run, with leftovers of an
     earlier PET-MRI run beside its outputs."""
-    overlay = _write(tmp_path / "ct_only.yaml", yaml.safe_dump({"experiments": EXPERIMENTS}))
+    overlay = _write(
+        tmp_path / "ct_only.yaml", yaml.safe_dump({"experiments": ONE_PAIR_EXPERIMENTS})
+    )
     params = load_params(REPO / "params.yaml", [overlay], "quick")
     results = tmp_path / "results"
     _write(results / "report.md", "# report\n![fig3](figures/fig3_CT-MRI.png)\n")
