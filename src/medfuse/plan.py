@@ -69,9 +69,9 @@ def job_of_fused_dir(fused_dir: str | Path) -> Job:
     return Job(method, pair, variant, root=Path(*parts[:-4]))
 
 
-def stage1_dir(method: str) -> Path:
+def stage1_dir(method: str, root: Path = RESULTS) -> Path:
     """Where a two-stage method's first stage (e.g. DM-FNet's diffusion U-Net) is trained."""
-    return RESULTS / "stage1" / canonical_method(method)
+    return root / "stage1" / canonical_method(method)
 
 
 def is_unified(params: Mapping[str, Any], method: str, variant: str = "full") -> bool:
@@ -168,6 +168,19 @@ def training_jobs(params: Mapping[str, Any]) -> list[Job]:
 def stage1_methods(params: Mapping[str, Any]) -> list[str]:
     """The methods whose first stage the workflow trains."""
     return sorted({job.method for job in training_jobs(params) if has_stage1(params, job.method)})
+
+
+def model_folders(params: Mapping[str, Any], root: Path = RESULTS) -> list[tuple[str, Job, Path]]:
+    """(model name, training job, folder) of every model the workflow trains under `root`: each
+    training job's, then each first stage's, named `<method> (first stage)`, on ALL_PAIRS."""
+    folders = [
+        (j.method, j, model_dir(j.method, j.pair, j.variant, root)) for j in training_jobs(params)
+    ]
+    folders += [
+        (f"{m} (first stage)", Job(m, ALL_PAIRS, "full", ALL_PAIRS), stage1_dir(m, root))
+        for m in stage1_methods(params)
+    ]
+    return folders
 
 
 def is_learned(params: Mapping[str, Any], method: str) -> bool:

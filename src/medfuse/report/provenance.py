@@ -17,16 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from medfuse.plan import (
-    HISTORY,
-    META,
-    RESULTS,
-    Job,
-    model_dir,
-    stage1_dir,
-    stage1_methods,
-    training_jobs,
-)
+from medfuse.plan import HISTORY, META, Job, model_folders
 
 log = logging.getLogger(__name__)
 
@@ -38,35 +29,23 @@ def _duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
-def _trained_folders(params: Mapping[str, Any], results: Path) -> list[tuple[str, str, str, Path]]:
-    """(model, trained on, variant, folder) of every model the plan trains."""
-    folders = [
-        (j.method, j.pair, j.variant, model_dir(j.method, j.pair, j.variant, results))
-        for j in training_jobs(params)
-    ]
-    folders += [
-        (f"{m} (first stage)", "all", "full", results / stage1_dir(m).relative_to(RESULTS))
-        for m in stage1_methods(params)
-    ]
-    return folders
-
-
-def _training_row(model: str, pair: str, variant: str, folder: Path) -> str:
+def _training_row(model: str, job: Job, folder: Path) -> str:
     if not (folder / META).is_file():
-        return f"| {model} | {pair} | {variant} | not trained | | | | | |"
+        return f"| {model} | {job.pair} | {job.variant} | not trained | | | | | |"
     meta = json.loads((folder / META).read_text())
     history = pd.read_csv(folder / HISTORY) if (folder / HISTORY).is_file() else pd.DataFrame()
     time = _duration(history["epoch_s"].sum()) if "epoch_s" in history else "—"
     step = f"{statistics.median(history['s_per_step']):.2f} s" if "s_per_step" in history else "—"
     return (
-        f"| {model} | {pair} | {variant} | {meta.get('seed', '—')} | {meta.get('epochs', '—')} "
+        f"| {model} | {job.pair} | {job.variant} | {meta.get('seed', '—')} "
+        f"| {meta.get('epochs', '—')} "
         f"| {meta.get('precision', '—')} | {time} | {step} | `{meta.get('run_id', '—')}` |"
     )
 
 
 def trainings_markdown(params: Mapping[str, Any], results: Path) -> str:
     """One row per trained model: its seed, epochs, precision, time and MLflow run."""
-    folders = _trained_folders(params, results)
+    folders = model_folders(params, results)
     if not folders:
         return "No model is trained in this job list.\n"
     lines = [

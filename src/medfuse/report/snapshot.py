@@ -26,16 +26,7 @@ import yaml
 
 from medfuse.config import DEFAULT_PARAMS, parameter_files
 from medfuse.errors import DataError
-from medfuse.plan import (
-    HISTORY,
-    META,
-    RESULTS,
-    fusion_jobs,
-    model_dir,
-    stage1_dir,
-    stage1_methods,
-    training_jobs,
-)
+from medfuse.plan import HISTORY, META, RESULTS, fusion_jobs, model_folders
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +60,7 @@ def _metric_files(params: Mapping[str, Any], results: Path) -> list[Path]:
 
 def _model_files(params: Mapping[str, Any], results: Path) -> list[Path]:
     """model.json and history.csv of every model the plan trains (those that exist yet)."""
-    folders = [model_dir(j.method, j.pair, j.variant, results) for j in training_jobs(params)]
-    folders += [results / stage1_dir(m).relative_to(RESULTS) for m in stage1_methods(params)]
+    folders = [folder for _, _, folder in model_folders(params, results)]
     return [f / name for f in folders for name in MODEL_PARTS if (f / name).is_file()]
 
 
