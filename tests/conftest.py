@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 if TYPE_CHECKING:
-    from tests.workspace import DataSource
+    from tests.workspace import BackgroundRun, DataSource
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -59,6 +59,31 @@ def data_source(tmp_path_factory: pytest.TempPathFactory, params: dict) -> Itera
 
     with open_data_source(tmp_path_factory.mktemp("phantom-mirrors"), params) as source:
         yield source
+
+
+@pytest.fixture(scope="session")
+def dvc_run(
+    tmp_path_factory: pytest.TempPathFactory, repo_root: Path, data_source: DataSource
+) -> Iterator[BackgroundRun]:
+    """The whole quick DAG with `dvc repro` in a fresh copy, running in the background. DVC runs
+    one stage at a time, the longest serial job of the suite: it starts with the session (see
+    `_start_dvc_run_early`) so it fills the core the other tests leave idle."""
+    from tests.workspace import BackgroundRun, copy_repo, mirror_env, set_param
+
+    repo = copy_repo(repo_root, tmp_path_factory.mktemp("dvc"))
+    env = mirror_env(repo, data_source)
+    set_param(repo, ["profile"], "quick")
+    run = BackgroundRun.start(["dvc", "repro"], repo, env)
+    yield run
+    run.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_dvc_run_early(request: pytest.FixtureRequest) -> None:
+    """Start `dvc_run` before the first test when a selected test needs it (none do under
+    `-m "not workflow"`)."""
+    if any("dvc_run" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("dvc_run")
 
 
 @pytest.fixture(scope="session")

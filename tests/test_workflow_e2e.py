@@ -14,13 +14,11 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.workspace import DataSource, copy_repo, mirror_env, set_param
+from tests.workspace import BackgroundRun, DataSource, copy_repo, mirror_env, set_param
 
 pytestmark = pytest.mark.workflow
 
@@ -81,41 +79,6 @@ def _assert_snapshot(repo: Path, env: dict[str, str], made_by_dvc: bool) -> None
     assert (out / "dvc.lock").is_file() == made_by_dvc
 
 
-@dataclass
-class BackgroundRun:
-    """A command started in a repository copy, its output going to a log file."""
-
-    repo: Path
-    env: dict[str, str]
-    log: Path
-    process: subprocess.Popen
-
-    def wait(self) -> str:
-        code = self.process.wait()
-        out = self.log.read_text()
-        assert code == 0, f"{self.process.args} failed:\n{out[-5000:]}"
-        return out
-
-
-@pytest.fixture(scope="module")
-def dvc_run(tmp_path_factory, repo_root, data_source: DataSource) -> Iterator[BackgroundRun]:
-    """The whole quick DAG with `dvc repro`, started before the Snakemake run and overlapping
-    it: DVC runs one stage at a time, so alone it leaves a core idle that Snakemake fills."""
-    repo = copy_repo(repo_root, tmp_path_factory.mktemp("dvc"))
-    env = mirror_env(repo, data_source)
-    set_param(repo, ["profile"], "quick")
-    log = repo.parent / "dvc-repro.log"
-    with log.open("w") as sink:
-        process = subprocess.Popen(
-            ["dvc", "repro"], cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT
-        )
-    run = BackgroundRun(repo, env, log, process)
-    yield run
-    if process.poll() is None:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def quick_repo(tmp_path_factory, repo_root) -> Path:
     return copy_repo(repo_root, tmp_path_factory.mktemp("snakemake"))
@@ -124,7 +87,7 @@ def quick_repo(tmp_path_factory, repo_root) -> Path:
 def test_snakemake_quick_profile_end_to_end(
     quick_repo: Path, data_source: DataSource, dvc_run: BackgroundRun
 ):
-    # dvc_run: DVC's whole run goes on alongside this one (checked by the next test).
+    # dvc_run: DVC's whole run, started with the session, goes on alongside (next test).
     env = mirror_env(quick_repo, data_source)
     _run(["snakemake", "--profile", "workflow/profiles/quick", "all"], quick_repo, env)
     _assert_outputs(quick_repo)

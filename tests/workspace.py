@@ -158,3 +158,33 @@ def set_param(repo: Path, keys: list[str], value: object) -> None:
         node = node[key]
     node[keys[-1]] = value
     path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@dataclass
+class BackgroundRun:
+    """A command started in a repository copy, its output going to a log file."""
+
+    repo: Path
+    env: dict[str, str]
+    log: Path
+    process: subprocess.Popen
+
+    @classmethod
+    def start(cls, cmd: list[str], repo: Path, env: dict[str, str]) -> BackgroundRun:
+        log = repo.parent / f"{repo.name}-{cmd[0]}.log"
+        with log.open("w") as sink:
+            process = subprocess.Popen(
+                cmd, cwd=repo, env=env, stdout=sink, stderr=subprocess.STDOUT
+            )
+        return cls(repo, env, log, process)
+
+    def wait(self) -> str:
+        code = self.process.wait()
+        out = self.log.read_text()
+        assert code == 0, f"{self.process.args} failed:\n{out[-5000:]}"
+        return out
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
