@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -464,3 +466,23 @@ def test_an_output_folder_receives_the_fused_image_named_after_a(
     with Image.open(written) as image:
         assert image.format == "PNG"
     assert [p.name for p in folder.iterdir()] == ["a_fused.png"]
+
+
+def test_classical_fusion_does_not_import_torch(tmp_path: Path):
+    """A classical method fuses without loading torch (2-3 s of every such job's start)."""
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    write_image(a, np.full((16, 16), 40, np.uint8))
+    write_image(b, np.full((16, 16), 200, np.uint8))
+    code = (
+        "import sys\n"
+        "from medfuse.config import load_params\n"
+        "from medfuse.fuse import fuse_files\n"
+        f"fuse_files(load_params({str(REPO / 'params.yaml')!r}), 'average', "
+        f"{str(a)!r}, {str(b)!r}, {str(tmp_path / 'f.png')!r})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False", result.stdout + result.stderr
+    assert read_image(tmp_path / "f.png")[0, 0] == 120

@@ -12,8 +12,8 @@ import torch
 from medfuse.errors import ConfigError
 from medfuse.methods import adafuse, asfe_fusion
 from medfuse.methods.asfe_fusion import FusionLoss, LossConfig, ssim, structure_tensor
-from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import gaussian_window
+from medfuse.methods.net import FusionNet
 from medfuse.methods.peer_blocks import (
     BlurPool2d,
     PatchUnembed,

@@ -8,7 +8,8 @@ import pytest
 from medfuse.config import deep_merge, method_config
 from medfuse.errors import ConfigError
 from medfuse.methods import build_method, method_names
-from medfuse.methods.base import Fuser, FusionNet
+from medfuse.methods.base import Fuser
+from medfuse.methods.net import FusionNet
 from tests.tiny import TINY_PEER_BACKBONE
 
 # Tiny sizes for the learned methods (the same code as the papers' sizes; see test_peers.py).

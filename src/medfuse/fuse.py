@@ -17,7 +17,6 @@ authors' released image for each test pair.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import time
@@ -28,15 +27,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
-from medfuse.config import (
-    canonical_method,
-    config_from_mapping,
-    deep_merge,
-    method_config,
-    setting,
-)
+from medfuse.config import canonical_method, config_from_mapping, method_config, setting
 from medfuse.data.colour import luma_pil, luma_uint8, recolour, recolour_opencv_yuv
 from medfuse.data.prepared import PreparedData
 from medfuse.errors import ConfigError, DataError
@@ -44,14 +36,7 @@ from medfuse.io import LOSSY_FORMATS, atomic_path, image_format, read_image, to_
 from medfuse.memory import keep_freed_memory
 from medfuse.methods.base import Fuser
 from medfuse.methods.registry import build_method
-from medfuse.models import (
-    build_learned,
-    load_checkpoint,
-    predict_pair,
-    resolve_device,
-)
-from medfuse.plan import META, WEIGHTS, Job, model_dir, trained_on
-from medfuse.precision import resolve_precision
+from medfuse.plan import WEIGHTS, Job, model_dir, trained_on
 
 log = logging.getLogger(__name__)
 
@@ -104,93 +89,6 @@ class OutputSettings:
         return recolour(fused_y, functional_rgb)
 
 
-class NetFuser:
-    """A trained `FusionNet` seen through the `Fuser` interface (float [0, 1] in and out), run
-    in a resolved precision (float32 or bfloat16 autocast; the weights stay float32)."""
-
-    def __init__(self, name: str, net: Any, device: str, precision: str = "float32") -> None:
-        self.name = name
-        self.net = net.to(device).eval()
-        self.device = device
-        self.precision = precision
-
-    def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return predict_pair(self.net, a, b, self.device, self.precision)
-
-
-def _weights_meta(weights: Path) -> dict[str, Any]:
-    """model.json beside the weights (what built them), or {} when there is none."""
-    meta_path = weights.with_name(META) if weights.name == WEIGHTS else weights.with_suffix(".json")
-    if not meta_path.is_file():
-        return {}
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{meta_path}: invalid JSON ({exc})") from exc
-
-
-def load_learned(
-    method: str,
-    config: dict[str, Any],
-    weights: Path,
-    device: str,
-    pair: str | None = None,
-    precision: str = "float32",
-) -> NetFuser:
-    """The network the weights were trained as (config from model.json when present)."""
-    state = load_checkpoint(weights, map_location=device)
-    if not isinstance(state, Mapping):
-        raise DataError(
-            f"{weights}: a PyTorch file holding a {type(state).__name__}, not a state dict of "
-            f"weights for method {method!r}"
-        )
-    if "model" in state and "epoch" in state:  # a training checkpoint carries its own meta
-        meta = {k: state[k] for k in ("method", "pair", "config") if k in state}
-        state = state["model"]
-    else:
-        meta = _weights_meta(weights)
-    if meta.get("method") not in (None, method):
-        raise ConfigError(f"{weights}: trained for method {meta['method']!r}, not {method!r}")
-    saved = meta.get("config", {})
-    # What the weights were trained with wins; a setting added to params.yaml since (so absent
-    # from an older model.json) comes from the current settings.
-    trained_as = deep_merge(config, json.loads(saved) if isinstance(saved, str) else saved)
-    net = build_learned(method, trained_as, meta.get("pair", pair))
-    misfit = _misfit(net, state)
-    if misfit is None:
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            misfit = str(exc).strip().splitlines()[0]
-    if misfit is not None:
-        raise DataError(f"{weights}: weights do not fit method {method!r}: {misfit}")
-    return NetFuser(method, net, device, precision)
-
-
-def _misfit(net: torch.nn.Module, state: Mapping[str, Any]) -> str | None:
-    """Why `state` is not a state dict of `net`, in one line (torch's own message spans many
-    lines and names every tensor); None when it fits."""
-    not_tensors = [name for name, value in state.items() if not isinstance(value, torch.Tensor)]
-    if not_tensors:
-        return f"the file holds a dict, but not of tensors (e.g. {not_tensors[0]!r})"
-    expected = net.state_dict()
-    unknown = [name for name in state if name not in expected]
-    missing = [name for name in expected if name not in state]
-    if unknown or missing:
-        return (
-            f"{len(missing)} of the network's {len(expected)} tensors are missing and "
-            f"{len(unknown)} of the file's {len(state)} are unknown to it (e.g. "
-            f"{(unknown or missing)[0]!r}); weights of another method or model size?"
-        )
-    for name, value in state.items():
-        if value.shape != expected[name].shape:
-            return (
-                f"{name!r} is {tuple(value.shape)} in the file but {tuple(expected[name].shape)} "
-                "in the network; trained with other model settings?"
-            )
-    return None
-
-
 def load_fuser(
     params: Mapping[str, Any],
     method: str,
@@ -213,6 +111,10 @@ def load_fuser(
         method, config = config["method"], method_config(params, config["method"])
         kind = config.get("kind")
     if kind == "learned":
+        # torch only here: classical and published fusion start without it (2-3 s a job).
+        from medfuse.models import load_learned, resolve_device
+        from medfuse.precision import resolve_precision
+
         if model_path is None:
             if pair is None:
                 raise ConfigError(

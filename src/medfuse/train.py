@@ -1,6 +1,6 @@
 """The one training loop of every learned method: seed, data, model, optimiser, loop, checkpoint.
 
-It needs only a `FusionNet`'s `training_loss(a, b)` (see `medfuse.methods.base`), so W-DUALMINE
+It needs only a `FusionNet`'s `training_loss(a, b)` (see `medfuse.methods.net`), so W-DUALMINE
 and the peers train the same way. A checkpoint after every epoch holds the model, optimiser and
 every random state, so `--resume` after a crash gives the same weights as an uninterrupted run
 (on CPU, where kernels are deterministic), in float32 and in bfloat16 alike. Checkpoints are read
@@ -45,7 +45,7 @@ from medfuse.data.prepared import PreparedData, Sample
 from medfuse.errors import ConfigError, DataError
 from medfuse.io import to_uint8, write_image, write_text_atomic
 from medfuse.memory import keep_freed_memory
-from medfuse.methods.base import FusionNet
+from medfuse.methods.net import FusionNet
 from medfuse.models import (
     build_learned,
     load_checkpoint,

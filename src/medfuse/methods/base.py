@@ -1,11 +1,9 @@
-"""The two interfaces every method implements, so the CLI and the workflow treat all alike.
+"""The interface every method implements, so the CLI and the workflow treat all alike, and the
+check of its inputs. Free of torch, so classical fusion starts without it.
 
 - `Fuser.fuse(a, b)`: two registered grey images as float64 arrays in [0, 1] (A is CT/PET/SPECT
   luma, B is MRI) -> the fused grey image, float64 in [0, 1], same shape. Used by `medfuse fuse`.
-- `FusionNet` (learned methods only): an `nn.Module` whose `forward(a, b)` maps (N, 1, H, W)
-  tensors in [0, 1] to the fused (N, 1, H, W) tensor in [0, 1], and whose
-  `training_loss(a, b)` returns the scalar loss to minimise plus a dict of its named terms
-  (floats, for logging). The one training loop in `medfuse.train` needs nothing else.
+- Learned methods also implement `medfuse.methods.net.FusionNet`.
 """
 
 from __future__ import annotations
@@ -13,8 +11,6 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-import torch
-from torch import nn
 
 
 @runtime_checkable
@@ -22,18 +18,6 @@ class Fuser(Protocol):
     name: str
 
     def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray: ...
-
-
-class FusionNet(nn.Module):
-    """Base class of learned fusion networks (see the module docstring for the contract)."""
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def training_loss(
-        self, a: torch.Tensor, b: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, float]]:  # pragma: no cover
-        raise NotImplementedError
 
 
 def check_pair(a: np.ndarray, b: np.ndarray) -> None:

@@ -26,8 +26,8 @@ from torch import nn
 
 from medfuse.config import config_from_mapping
 from medfuse.errors import ConfigError
-from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import gaussian_window, in_float32, sobel_magnitude
+from medfuse.methods.net import FusionNet
 
 # ----------------------------------------------------------------------------- configuration
 

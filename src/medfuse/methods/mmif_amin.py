@@ -31,8 +31,8 @@ from torch import nn
 
 from medfuse.config import config_from_mapping
 from medfuse.errors import DataError
-from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import gaussian_window, in_float32
+from medfuse.methods.net import FusionNet
 
 # ----------------------------------------------------------------------------- configuration
 

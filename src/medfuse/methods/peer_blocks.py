@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfuse.errors import ConfigError
-from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import pad_to_multiple
+from medfuse.methods.net import FusionNet
 
 _EPS = 1e-8
 

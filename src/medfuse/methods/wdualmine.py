@@ -31,7 +31,6 @@ from torch import nn
 
 from medfuse.config import config_from_mapping
 from medfuse.errors import ConfigError
-from medfuse.methods.base import FusionNet
 from medfuse.methods.blocks import (
     ECA,
     ResidualBlock,
@@ -43,6 +42,7 @@ from medfuse.methods.blocks import (
     pad_to_multiple,
     sobel_magnitude,
 )
+from medfuse.methods.net import FusionNet
 from medfuse.methods.wdualmine_losses import (
     LossWeights,
     ProjectionHead,
