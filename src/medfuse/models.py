@@ -197,7 +197,7 @@ class NetFuser:
     """A trained `FusionNet` seen through the `Fuser` interface (float [0, 1] in and out), run
     in a resolved precision (float32 or bfloat16 autocast; the weights stay float32)."""
 
-    def __init__(self, name: str, net: Any, device: str, precision: str = "float32") -> None:
+    def __init__(self, name: str, net: FusionNet, device: str, precision: str = "float32") -> None:
         self.name = name
         self.net = net.to(device).eval()
         self.device = device
