@@ -179,6 +179,29 @@ def test_train_writes_weights_and_logs_to_mlflow(tiny_params: dict, tmp_path: Pa
     assert len(samples) == 1 and samples[0].path.endswith(".png")
 
 
+def test_resuming_a_finished_training_does_nothing(tiny_params: dict, tmp_path: Path) -> None:
+    """`--resume` on a training that ran to its end leaves weights, history, samples and the
+    MLflow run untouched (a rerun script or a second `medfuse train --resume` is harmless)."""
+    out = tmp_path / "model"
+    weights = train_from_params(tiny_params, pair="CT-MRI", out_dir=out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    client = client_for(tiny_params)
+    (run,) = client.search_runs([client.get_experiment_by_name("CT-MRI").experiment_id])
+    end_time = run.info.end_time
+
+    assert train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume=True) == weights
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+    (again,) = client.search_runs([client.get_experiment_by_name("CT-MRI").experiment_id])
+    assert (again.info.run_id, again.info.end_time) == (run.info.run_id, end_time)
+
+    # Weights of another run (e.g. killed after its last checkpoint, before its weights): the
+    # resume writes this run's weights.
+    meta = json.loads((out / META).read_text())
+    (out / META).write_text(json.dumps({**meta, "run_id": "another"}))
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume=True)
+    assert json.loads((out / META).read_text())["run_id"] == run.info.run_id
+
+
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_resume_after_a_kill_equals_an_uninterrupted_run(
     tiny_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str

@@ -300,6 +300,19 @@ def _resume(path: Path, key: Mapping[str, Any], trainer: dict[str, Any], device:
     return int(state["epoch"]), state.get("run_id")
 
 
+def _finished_by(out: Path, run_id: str | None, epochs: int) -> bool:
+    """Whether `out` holds the final weights of training run `run_id` (its model.json names the
+    run and the epochs): then a resume has nothing to do, and leaves weights, samples and the
+    MLflow run as they are. A run killed between its last checkpoint and its weights is not."""
+    if run_id is None or not (out / WEIGHTS).is_file() or not (out / META).is_file():
+        return False
+    try:
+        meta = json.loads((out / META).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("run_id") == run_id and meta.get("epochs") == epochs
+
+
 def _checkpoint(trainer: dict[str, Any], key: Mapping[str, Any], epoch: int, run_id: str) -> dict:
     return {
         **key,
@@ -364,6 +377,9 @@ def train_from_params(
         (out / HISTORY).unlink(missing_ok=True)
     if resume and checkpoint_path.is_file():
         start_epoch, run_id = _resume(checkpoint_path, key, trainer, s.device)
+        if start_epoch == s.epochs and _finished_by(out, run_id, s.epochs):
+            log.info("%s: already trained (%d epochs, MLflow run %s)", out, s.epochs, run_id)
+            return out / WEIGHTS
     elif resume:
         log.warning("%s: no checkpoint to resume from; starting at epoch 1", checkpoint_path)
     job = {"step": "train", "method": job_method, "pair": pair, "variant": variant}
