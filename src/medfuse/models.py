@@ -207,14 +207,14 @@ class NetFuser:
         return predict_pair(self.net, a, b, self.device, self.precision)
 
 
-def _weights_meta(weights: Path) -> dict[str, Any]:
+def weights_meta(weights: Path) -> dict[str, Any]:
     """model.json beside the weights (what built them), or {} when there is none."""
     meta_path = weights.with_name(META) if weights.name == WEIGHTS else weights.with_suffix(".json")
     if not meta_path.is_file():
         return {}
     try:
         return json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{meta_path}: invalid JSON ({exc})") from exc
 
 
@@ -237,7 +237,7 @@ def load_learned(
         meta = {k: state[k] for k in ("method", "pair", "config") if k in state}
         state = state["model"]
     else:
-        meta = _weights_meta(weights)
+        meta = weights_meta(weights)
     if meta.get("method") not in (None, method):
         raise ConfigError(f"{weights}: trained for method {meta['method']!r}, not {method!r}")
     saved = meta.get("config", {})

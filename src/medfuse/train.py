@@ -54,6 +54,7 @@ from medfuse.models import (
     resolve_device,
     save_checkpoint,
     save_weights,
+    weights_meta,
 )
 from medfuse.plan import ALL_PAIRS, CHECKPOINT, HISTORY, META, WEIGHTS, model_dir, stage1_dir
 from medfuse.precision import autocast, resolve_precision
@@ -304,11 +305,11 @@ def _finished_by(out: Path, run_id: str | None, epochs: int) -> bool:
     """Whether `out` holds the final weights of training run `run_id` (its model.json names the
     run and the epochs): then a resume has nothing to do, and leaves weights, samples and the
     MLflow run as they are. A run killed between its last checkpoint and its weights is not."""
-    if run_id is None or not (out / WEIGHTS).is_file() or not (out / META).is_file():
+    if run_id is None or not (out / WEIGHTS).is_file():
         return False
     try:
-        meta = json.loads((out / META).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = weights_meta(out / WEIGHTS)  # {} when there is none
+    except DataError:  # an unreadable model.json: the resume writes a new one
         return False
     return isinstance(meta, dict) and meta.get("run_id") == run_id and meta.get("epochs") == epochs
 
