@@ -450,7 +450,7 @@ def test_stage1_resume_after_a_kill_equals_an_uninterrupted_run(
 ) -> None:
     """Stage 1 draws t, γ and ε from the global generators: the checkpoint must carry them."""
     from medfuse.models import load_checkpoint
-    from medfuse.plan import CHECKPOINT, WEIGHTS
+    from medfuse.plan import WEIGHTS, checkpoint_path
     from medfuse.train import train_from_params
 
     job = {"method": "dm-fnet", "pair": "all", "stage1": True, "epochs": 2}
@@ -467,10 +467,10 @@ def test_stage1_resume_after_a_kill_equals_an_uninterrupted_run(
     monkeypatch.setattr(dm_fnet.DiffusionUNet, "training_loss", dies_at_step_9)
     with pytest.raises(KeyboardInterrupt):
         train_from_params(two_stage_params, out_dir=tmp_path / "b", **job)
-    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["epoch"] == 1
+    assert load_checkpoint(checkpoint_path(tmp_path / "b"))["epoch"] == 1
     assert not (tmp_path / "b" / WEIGHTS).exists()
     monkeypatch.setattr(dm_fnet.DiffusionUNet, "training_loss", original)
-    resumed = train_from_params(two_stage_params, out_dir=tmp_path / "b", resume=True, **job)
+    resumed = train_from_params(two_stage_params, out_dir=tmp_path / "b", resume="yes", **job)
     want, got = _state(straight), _state(resumed)
     assert want.keys() == got.keys()
     for key in want:

@@ -30,7 +30,7 @@ from medfuse.methods.mmif_amin import (
     ssim_valid,
 )
 from medfuse.models import build_learned, load_checkpoint, save_weights
-from medfuse.plan import CHECKPOINT, WEIGHTS
+from medfuse.plan import WEIGHTS, checkpoint_path
 from tests.settings import section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -451,10 +451,10 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(
     monkeypatch.setattr(MMIFAMINNet, "training_loss", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         train_from_params(tiny_params, out_dir=tmp_path / "b", **job)
-    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["epoch"] == 1
+    assert load_checkpoint(checkpoint_path(tmp_path / "b"))["epoch"] == 1
     assert not (tmp_path / "b" / WEIGHTS).exists()
     monkeypatch.setattr(MMIFAMINNet, "training_loss", original)
-    resumed = train_from_params(tiny_params, out_dir=tmp_path / "b", resume=True, **job)
+    resumed = train_from_params(tiny_params, out_dir=tmp_path / "b", resume="yes", **job)
 
     want, got = load_checkpoint(straight), load_checkpoint(resumed)
     assert want.keys() == got.keys()

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -20,7 +22,7 @@ from medfuse.models import (
     resolve_device,
     save_checkpoint,
 )
-from medfuse.plan import CHECKPOINT, META, WEIGHTS
+from medfuse.plan import META, WEIGHTS, checkpoint_path
 from medfuse.precision import resolve_precision
 from medfuse.train import resolve_settings, train_from_params
 
@@ -111,22 +113,31 @@ def test_checkpoint_round_trip_is_atomic(tmp_path: Path) -> None:
     assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.ones(2))
 
 
+def test_the_same_state_is_saved_as_the_same_bytes(tmp_path: Path) -> None:
+    """A retrained or resumed model gives DVC the same hash (torch would otherwise name the
+    zip's inner folder after the random temporary file)."""
+    state = {"epoch": 3, "w": torch.arange(4.0)}
+    save_checkpoint(tmp_path / "a.pt", state)
+    save_checkpoint(tmp_path / "other name.pt", state)
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other name.pt").read_bytes()
+
+
 def test_resume_refuses_a_checkpoint_of_another_variant(tiny_params: dict, tmp_path: Path) -> None:
     out = tmp_path / "model"
     save_checkpoint(
-        out / CHECKPOINT,
+        checkpoint_path(out),
         {"method": "wdualmine", "pair": "CT-MRI", "variant": "no_we", "config": "{}", "epoch": 1},
     )
     with pytest.raises(ConfigError, match="variant='no_we'"):
-        train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume=True)
+        train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume="yes")
 
 
 def test_resume_refuses_a_pickled_checkpoint(tiny_params: dict, tmp_path: Path) -> None:
     out = tmp_path / "model"
     out.mkdir()
-    torch.save({"payload": NotATensor()}, out / CHECKPOINT)
+    torch.save({"payload": NotATensor()}, checkpoint_path(out))
     with pytest.raises(DataError, match="refused"):
-        train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume=True)
+        train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume="yes")
 
 
 # ---- the loop ----
@@ -140,7 +151,7 @@ def test_train_writes_weights_and_logs_to_mlflow(tiny_params: dict, tmp_path: Pa
     assert meta["variant"] == "no_sgm" and meta["config"]["model"]["use_sgm"] is False
     state = load_checkpoint(weights)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    assert load_checkpoint(out / CHECKPOINT)["epoch"] == 2
+    assert load_checkpoint(checkpoint_path(out))["epoch"] == 2
     history = (out / "history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,") and "loss/total" in history[0] and len(history) == 3
 
@@ -189,7 +200,7 @@ def test_resuming_a_finished_training_does_nothing(tiny_params: dict, tmp_path: 
     (run,) = client.search_runs([client.get_experiment_by_name("CT-MRI").experiment_id])
     end_time = run.info.end_time
 
-    assert train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume=True) == weights
+    assert train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume="yes") == weights
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
     (again,) = client.search_runs([client.get_experiment_by_name("CT-MRI").experiment_id])
     assert (again.info.run_id, again.info.end_time) == (run.info.run_id, end_time)
@@ -198,7 +209,7 @@ def test_resuming_a_finished_training_does_nothing(tiny_params: dict, tmp_path: 
     # resume writes this run's weights.
     meta = json.loads((out / META).read_text())
     (out / META).write_text(json.dumps({**meta, "run_id": "another"}))
-    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume=True)
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, resume="yes")
     assert json.loads((out / META).read_text())["run_id"] == run.info.run_id
 
 
@@ -222,11 +233,11 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(
     monkeypatch.setattr(WDualmine, "training_loss", dies_at_step_6)
     with pytest.raises(KeyboardInterrupt):
         train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "b", epochs=3)
-    assert load_checkpoint(tmp_path / "b" / CHECKPOINT)["epoch"] == 2
+    assert load_checkpoint(checkpoint_path(tmp_path / "b"))["epoch"] == 2
     assert not (tmp_path / "b" / WEIGHTS).exists()
     monkeypatch.setattr(WDualmine, "training_loss", original)
     resumed = train_from_params(
-        tiny_params, pair="CT-MRI", out_dir=tmp_path / "b", epochs=3, resume=True
+        tiny_params, pair="CT-MRI", out_dir=tmp_path / "b", epochs=3, resume="yes"
     )
 
     want, got = load_checkpoint(straight), load_checkpoint(resumed)
@@ -247,6 +258,111 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(
     assert steps == [1, 2, 3]
     epochs = [line.split(",")[0] for line in (tmp_path / "b/history.csv").read_text().split()]
     assert epochs == ["epoch", "1", "2", "3"]  # the history survives the kill and resume
+
+
+def _dies_at_step(monkeypatch: pytest.MonkeyPatch, step: int) -> None:
+    original = WDualmine.training_loss
+    calls = {"n": 0}
+
+    def dies(self, a, b):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise KeyboardInterrupt
+        return original(self, a, b)
+
+    monkeypatch.setattr(WDualmine, "training_loss", dies)
+
+
+def _epochs_done(out: Path) -> list[int]:
+    return pd.read_csv(out / "history.csv")["epoch"].tolist()
+
+
+_LOSSES = ["loss/total", "loss/avg", "loss/grad", "loss/cc", "loss/mi", "loss/rec"]
+
+
+def test_a_rerun_of_an_interrupted_pipeline_training_continues_it(
+    tiny_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the Snakefile and dvc.yaml run: a training killed in epoch 3, whose model folder the
+    tool then removes before rerunning it, continues from epoch 2 to the uninterrupted weights,
+    with the whole history."""
+    straight = train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "a", epochs=3)
+    out = tmp_path / "b"
+    with monkeypatch.context() as patched:
+        _dies_at_step(patched, 6)  # 2 steps an epoch: in epoch 3
+        with pytest.raises(KeyboardInterrupt):
+            train_from_params(
+                tiny_params, pair="CT-MRI", out_dir=out, epochs=3, resume="if-unchanged"
+            )
+    shutil.rmtree(out)  # DVC removes a stage's outs before it reruns the stage
+    assert load_checkpoint(checkpoint_path(out))["epoch"] == 2  # kept beside the folder
+
+    resumed = train_from_params(
+        tiny_params, pair="CT-MRI", out_dir=out, epochs=3, resume="if-unchanged"
+    )
+    want, got = load_checkpoint(straight), load_checkpoint(resumed)
+    assert all(torch.equal(want[key], got[key]) for key in want)
+    assert _epochs_done(out) == [1, 2, 3]
+    assert pd.read_csv(out / "history.csv")[_LOSSES].equals(
+        pd.read_csv(tmp_path / "a" / "history.csv")[_LOSSES]
+    )
+
+
+@pytest.mark.parametrize("change", ["settings", "code", "data", "fewer epochs"])
+def test_a_pipeline_training_starts_afresh_when_what_wrote_its_checkpoint_changed(
+    tiny_params: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+) -> None:
+    out = tmp_path / "m"
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=2)
+    epochs = 1 if change == "fewer epochs" else 3
+    if change == "settings":
+        tiny_params = deep_merge(tiny_params, {"methods": {"wdualmine": {"optim": {"lr": 2e-3}}}})
+    elif change == "code":
+        monkeypatch.setattr("medfuse.tracking.code_fingerprint", lambda: "other source")
+    elif change == "data":
+        monkeypatch.setattr("medfuse.tracking.data_manifest_hash", lambda params: "other data")
+    caplog.set_level("INFO", logger="medfuse.train")
+
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=epochs, resume="if-unchanged")
+    assert "training from epoch 1" in caplog.text and "resuming" not in caplog.text
+    assert _epochs_done(out) == list(range(1, epochs + 1))
+    assert load_checkpoint(checkpoint_path(out))["epoch"] == epochs
+
+
+def test_resume_continues_under_other_code_and_says_so(
+    tiny_params: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`--resume` is the user's word that a change (e.g. a fix to the report) leaves the
+    training as it was: it continues, with a warning."""
+    out = tmp_path / "m"
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=1)
+    monkeypatch.setattr("medfuse.tracking.code_fingerprint", lambda: "other source")
+    caplog.set_level("INFO", logger="medfuse.train")
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=2, resume="yes")
+    assert "written by other medfuse source; resuming as asked" in caplog.text
+    assert "resuming from epoch 1" in caplog.text and _epochs_done(out) == [1, 2]
+    with pytest.raises(ConfigError, match=r"at epoch 2, beyond the 1 asked; give --epochs 2"):
+        train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=1, resume="yes")
+
+
+def test_a_checkpoint_in_the_model_folder_of_older_versions_is_moved_and_resumed(
+    tiny_params: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "m"
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=1)
+    checkpoint_path(out).rename(out / "checkpoint.pt")
+    caplog.set_level("INFO", logger="medfuse.train")
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=2, resume="yes")
+    assert "resuming from epoch 1" in caplog.text
+    assert not (out / "checkpoint.pt").exists()
+    assert load_checkpoint(checkpoint_path(out))["epoch"] == 2
 
 
 def test_cli_trains_a_colour_pair(tiny_params: dict, tmp_path: Path) -> None:
@@ -388,10 +504,10 @@ def test_bfloat16_training_keeps_float32_weights_and_records_the_precision(
         tiny_params, pair="CT-MRI", out_dir=out, epochs=1, precision="bfloat16"
     )
     assert json.loads((out / META).read_text())["precision"] == "bfloat16"
-    for path in (weights, out / CHECKPOINT):
+    for path in (weights, checkpoint_path(out)):
         tensors = float_tensors(load_checkpoint(path))
         assert tensors and {t.dtype for t in tensors} == {torch.float32}, path.name
-    assert load_checkpoint(out / CHECKPOINT)["precision"] == "bfloat16"
+    assert load_checkpoint(checkpoint_path(out))["precision"] == "bfloat16"
     history = (out / "history.csv").read_text().splitlines()
     assert len(history) == 2 and "nan" not in history[1]
     (run,) = client_for(tiny_params).search_runs(
@@ -410,7 +526,7 @@ def test_resume_refuses_a_checkpoint_of_another_precision(
         ConfigError, match="precision='float32', not 'bfloat16'; --precision float32"
     ):
         train_from_params(
-            tiny_params, pair="CT-MRI", out_dir=out, epochs=2, resume=True, precision="bfloat16"
+            tiny_params, pair="CT-MRI", out_dir=out, epochs=2, resume="yes", precision="bfloat16"
         )
 
 
@@ -541,7 +657,10 @@ def test_the_next_training_of_a_job_marks_the_run_a_killed_one_left_running_kill
 ) -> None:
     in_epoch_1 = _train_killed_outright(tiny_params, tmp_path / "x", 1, monkeypatch)
     in_epoch_2 = _train_killed_outright(tiny_params, tmp_path / "y", 3, monkeypatch)
-    assert not (tmp_path / "x" / CHECKPOINT).exists() and (tmp_path / "y" / CHECKPOINT).exists()
+    assert (
+        not (checkpoint_path(tmp_path / "x")).exists()
+        and (checkpoint_path(tmp_path / "y")).exists()
+    )
     client = client_for(tiny_params)
     if "out_dir" in client.get_run(in_epoch_2).data.tags:  # as a run of older code: only its
         client.delete_tag(in_epoch_2, "out_dir")  # checkpoint says it is this folder's
@@ -569,7 +688,7 @@ def test_resuming_a_run_a_killed_training_left_running_marks_it_killed_first(
         return set_terminated(self, run, status=status, end_time=end_time)
 
     monkeypatch.setattr(MlflowClient, "set_terminated", recorded)
-    train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "m", resume=True)
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "m", resume="yes")
     assert ended == [(run_id, "KILLED"), (run_id, "FINISHED")]  # killed, reopened, finished
     client = client_for(tiny_params)
     assert [m.step for m in client.get_metric_history(run_id, "loss/total")] == [1, 2]

@@ -117,6 +117,13 @@ def test_dvc_quick_profile_end_to_end_and_selective_rerun(dvc_run: BackgroundRun
     out, _ = _run(["dvc", "repro"], repo, env)
     assert "Data and pipelines are up to date" in out
     _assert_snapshot(repo, env, made_by_dvc=True)
+
+    # Before it reruns a stage DVC removes its outs; the training continues from its checkpoint
+    # (beside the model folder) and gives back the same bytes, so nothing downstream changes.
+    stage = "train@wdualmine-CT-MRI-full"
+    out, _ = _run(["dvc", "repro", "--force", "--no-run-cache", "-s", stage], repo, env)
+    assert "resuming from epoch" in out, out[-3000:]
+    assert json.loads(_run(["dvc", "status", "--json"], repo, env)[0].strip() or "{}") == {}
     metrics, _ = _run(["dvc", "metrics", "show"], repo, env)
     assert "results/metrics/paper/wdualmine/CT-MRI/full.json" in metrics
     plots, _ = _run(["dvc", "plots", "show", "-o", str(repo / "dvc_plots")], repo, env)

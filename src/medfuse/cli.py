@@ -51,7 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         pair=args.pair,
         variant=args.variant,
         out_dir=args.out,
-        resume=args.resume,
+        resume="yes" if args.resume else "if-unchanged" if args.resume_if_unchanged else "no",
         device=args.device,
         epochs=args.epochs,
         precision=args.precision,
@@ -176,7 +176,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="wdualmine")
     p.add_argument("--variant", default="full", help="ablation variant from params.yaml")
     p.add_argument("--out", type=Path, default=None, help="weights directory")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the last checkpoint (refused if written for other settings)",
+    )
+    resume.add_argument(
+        "--resume-if-unchanged",
+        action="store_true",
+        help="continue from the last checkpoint if settings, code and data are those that wrote "
+        "it, else train from epoch 1 (what the Snakefile and dvc.yaml run)",
+    )
     p.add_argument("--device", default=None, help="auto | cpu | cuda (overrides params.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="override the epoch count")
     p.add_argument(

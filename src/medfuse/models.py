@@ -45,7 +45,15 @@ def resolve_device(requested: str) -> str:
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
     """Write the checkpoint under a temporary name and rename it: never a half-written file."""
     with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
+        _torch_save(dict(state), tmp)
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save through a file object: given a path, torch names the zip's inner folder after
+    the file, here a random temporary name, so the same weights would never give the same bytes
+    (nor the same DVC hash) twice."""
+    with open(path, "wb") as file:
+        torch.save(obj, file)
 
 
 def load_checkpoint(path: Path, map_location: str = "cpu") -> dict[str, Any]:
@@ -173,7 +181,7 @@ def save_weights(out: Path, model: torch.nn.Module, meta: Mapping[str, Any]) -> 
     info = {**meta, "parameters": parameter_count(model), "torch": torch.__version__}
     # Exit order: the inner block renames model.json first, then the outer one model.pt.
     with atomic_path(weights) as weights_tmp, atomic_path(out / META) as meta_tmp:
-        torch.save(model.state_dict(), weights_tmp)
+        _torch_save(model.state_dict(), weights_tmp)
         meta_tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         weights.unlink(missing_ok=True)  # the old weights must not pair with the new model.json
     return weights

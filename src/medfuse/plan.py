@@ -22,7 +22,6 @@ from medfuse.errors import ConfigError, DataError
 
 RESULTS = Path("results")
 # The files of a model folder: written by training, read by fusion, the report and the snapshot.
-CHECKPOINT = "checkpoint.pt"
 WEIGHTS = "model.pt"
 META = "model.json"
 HISTORY = "history.csv"
@@ -56,6 +55,18 @@ class Job:
 def model_dir(method: str, trained_on: str, variant: str, root: Path = RESULTS) -> Path:
     """results/models/<method>/<pair or ALL_PAIRS>/<variant>/: model.pt, model.json, history."""
     return root / "models" / canonical_method(method) / trained_on / variant
+
+
+def checkpoint_path(model_folder: Path) -> Path:
+    """A training's checkpoint: beside its model folder (<folder>.checkpoint.pt), not in it, so
+    that it outlives DVC and Snakemake removing the folder before they rerun the training, and
+    the rerun can continue from it."""
+    folder = model_folder if model_folder.name else model_folder.absolute()
+    return folder.with_name(f"{folder.name}.checkpoint.pt")
+
+
+# Where older versions kept the checkpoint (inside the model folder); moved on the next resume.
+LEGACY_CHECKPOINT = "checkpoint.pt"
 
 
 def job_of_fused_dir(fused_dir: str | Path) -> Job:

@@ -17,6 +17,7 @@ permission becomes one line naming the server (`TrackingAuthError`), not a trace
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import subprocess
@@ -229,6 +230,17 @@ def git_commit() -> str:
     return f"{head}-dirty" if dirty else head
 
 
+def code_fingerprint() -> str:
+    """sha256 of the medfuse package's source (every .py file, by path and bytes): what ran,
+    also where git cannot tell (an installed wheel, uncommitted edits)."""
+    package = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def data_manifest_hash(params: Mapping[str, Any]) -> str:
     """sha256 of the prepared split manifest (which pairs were trained and tested on)."""
     from medfuse.data.prepared import MANIFEST_NAME
@@ -296,7 +308,7 @@ def start_run(
     Extra `tags` join the job tags, and their values the run name (e.g. an evaluation's
     convention: two evaluations of one folder get two names).
 
-    New runs get every parameter (flattened), the git commit and the data manifest hash.
+    New runs get every parameter (flattened), the git commit, the code and data manifest hashes.
     The run ends FINISHED, KILLED (interrupted) or FAILED (any other exception).
     """
     uri = init_store(params)
@@ -308,7 +320,11 @@ def start_run(
         run = Run(client, run_id)
         if is_new:
             run.set_tags(
-                {"git_commit": git_commit(), "data_manifest_sha256": data_manifest_hash(params)}
+                {
+                    "git_commit": git_commit(),
+                    "code_sha256": code_fingerprint(),
+                    "data_manifest_sha256": data_manifest_hash(params),
+                }
             )
             if log_all_params:
                 run.log_params(flatten(params))

@@ -2,9 +2,16 @@
 
 It needs only a `FusionNet`'s `training_loss(a, b)` (see `medfuse.methods.net`), so W-DUALMINE
 and the peers train the same way. A checkpoint after every epoch holds the model, optimiser and
-every random state, so `--resume` after a crash gives the same weights as an uninterrupted run
-(on CPU, where kernels are deterministic), in float32 and in bfloat16 alike. Checkpoints are read
-with `weights_only=True` (`medfuse.models`).
+every random state and the history so far, so `--resume` after a crash gives the same weights as
+an uninterrupted run (on CPU, where kernels are deterministic), in float32 and in bfloat16 alike.
+Checkpoints are read with `weights_only=True` (`medfuse.models`) and live beside the model folder
+(`plan.checkpoint_path`), where the workflow tools' removal of a rerun job's outputs leaves them.
+
+Resume modes: "no" trains from epoch 1; "yes" (`--resume`) continues the checkpoint and refuses
+one of other settings; "if-unchanged" (`--resume-if-unchanged`, what the Snakefile and dvc.yaml
+run) continues it only when settings, precision, medfuse's source and the prepared data are all
+those that wrote it, and otherwise trains from epoch 1: an interrupted `snakemake`/`dvc repro`
+continues each training where it stopped, and a changed one starts afresh.
 
 A trained model is model.json plus model.pt, and model.pt's rename is its one commit point (see
 `save_weights`). A training killed outright leaves its MLflow run RUNNING; the next training of
@@ -24,7 +31,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -56,10 +63,22 @@ from medfuse.models import (
     save_weights,
     weights_meta,
 )
-from medfuse.plan import ALL_PAIRS, CHECKPOINT, HISTORY, META, WEIGHTS, model_dir, stage1_dir
+from medfuse.plan import (
+    ALL_PAIRS,
+    HISTORY,
+    LEGACY_CHECKPOINT,
+    META,
+    WEIGHTS,
+    checkpoint_path,
+    model_dir,
+    stage1_dir,
+)
 from medfuse.precision import autocast, resolve_precision
 
 log = logging.getLogger(__name__)
+
+Resume = Literal["no", "yes", "if-unchanged"]
+RESUME_MODES: tuple[Resume, ...] = ("no", "yes", "if-unchanged")
 
 
 def stage1_name(method: str) -> str:
@@ -263,17 +282,44 @@ def _resume_key(
 
 # Keys added to the resume key later, with the value every older checkpoint was written with.
 _KEY_DEFAULTS = {"precision": "float32"}
+# What wrote a checkpoint besides its settings: a difference stops "if-unchanged" only; `--resume`
+# continues anyway (the user vouches for the change) and says so.
+_SOURCE_KEYS = {"code": "medfuse source", "data": "prepared data"}
 
 
-def _check_resumable(state: Mapping[str, Any], key: Mapping[str, Any], path: Path) -> None:
-    for name, expected in key.items():
-        found = state.get(name, _KEY_DEFAULTS.get(name))
-        if found != expected:
-            remedy = f"--precision {found}, " if name == "precision" else ""
+def _source_key(params: Mapping[str, Any]) -> dict[str, str]:
+    from medfuse.tracking import code_fingerprint, data_manifest_hash
+
+    return {"code": code_fingerprint(), "data": data_manifest_hash(params)}
+
+
+def _differences(state: Mapping[str, Any], key: Mapping[str, Any], epochs: int) -> list[str]:
+    """The names of what `state` was written for that this training is not."""
+    names = [n for n, want in key.items() if state.get(n, _KEY_DEFAULTS.get(n)) != want]
+    return [*names, "epochs"] if int(state.get("epoch", 0)) > epochs else names
+
+
+def _check_resumable(
+    state: Mapping[str, Any], key: Mapping[str, Any], path: Path, epochs: int | None = None
+) -> None:
+    """Refuse (`--resume`) a checkpoint of other settings, precision or a later epoch; warn of
+    other code or data."""
+    for name in _differences(state, key, epochs if epochs is not None else 1 << 30):
+        if name == "epochs":
+            done = int(state["epoch"])
             raise ConfigError(
-                f"{path}: checkpoint was written for {name}={found!r}, not {expected!r}; "
-                f"{remedy}remove it or train into another --out"
+                f"{path}: checkpoint is at epoch {done}, beyond the {epochs} asked; "
+                f"give --epochs {done} or more, remove it or train into another --out"
             )
+        found = state.get(name, _KEY_DEFAULTS.get(name))
+        if name in _SOURCE_KEYS:
+            log.warning("%s: written by other %s; resuming as asked", path, _SOURCE_KEYS[name])
+            continue
+        remedy = f"--precision {found}, " if name == "precision" else ""
+        raise ConfigError(
+            f"{path}: checkpoint was written for {name}={found!r}, not {key[name]!r}; "
+            f"{remedy}remove it or train into another --out"
+        )
 
 
 def _make_loader(dataset: PairDataset, s: TrainSettings) -> tuple[DataLoader, torch.Generator]:
@@ -290,15 +336,63 @@ def _make_loader(dataset: PairDataset, s: TrainSettings) -> tuple[DataLoader, to
     return loader, generator
 
 
-def _resume(path: Path, key: Mapping[str, Any], trainer: dict[str, Any], device: str) -> tuple:
+def _state_to_resume(
+    path: Path, key: Mapping[str, Any], mode: Resume, epochs: int, device: str
+) -> dict[str, Any] | None:
+    """The checkpoint to continue from, or None to train from epoch 1 (see the resume modes)."""
+    if mode == "no":
+        return None
+    if not path.is_file():
+        if mode == "yes":
+            log.warning("%s: no checkpoint to resume from; starting at epoch 1", path)
+        return None
+    if mode == "yes":
+        state = load_checkpoint(path, device)
+        _check_resumable(state, key, path, epochs)
+        return state
+    try:
+        state = load_checkpoint(path, device)
+    except DataError as exc:
+        log.warning("%s; training from epoch 1", exc)
+        return None
+    changed = _differences(state, key, epochs)
+    if changed:
+        log.info("%s: written for other %s; training from epoch 1", path, ", ".join(changed))
+        return None
+    return state
+
+
+def _resume(state: Mapping[str, Any], trainer: dict[str, Any], path: Path) -> tuple:
     """Restore model, optimiser and random states; return (epochs done, MLflow run)."""
-    state = load_checkpoint(path, device)
-    _check_resumable(state, key, path)
     trainer["model"].load_state_dict(state["model"])
     trainer["optimiser"].load_state_dict(state["optimiser"])
     restore_rng_state(state["rng"], trainer["generator"])
     log.info("resuming from epoch %d (%s)", int(state["epoch"]), path)
     return int(state["epoch"]), state.get("run_id")
+
+
+def _history_to_resume(state: Mapping[str, Any], out: Path) -> list[dict[str, float]]:
+    """The epochs' history rows up to the checkpoint: its own (a checkpoint of older code has
+    none: then the rows of history.csv up to its epoch)."""
+    if "history" in state:
+        return [dict(row) for row in state["history"]]
+    path = out / HISTORY
+    if not path.is_file():
+        return []
+    rows = pd.read_csv(path)
+    rows = rows[rows["epoch"] <= int(state["epoch"])]
+    # Plain Python numbers: a weights-only load of the next checkpoint refuses numpy scalars.
+    return [
+        {k: int(v) if k == "epoch" else float(v) for k, v in row.items()}
+        for row in rows.to_dict("records")
+    ]
+
+
+def _move_legacy_checkpoint(out: Path, path: Path) -> None:
+    legacy = out / LEGACY_CHECKPOINT
+    if legacy.is_file() and not path.exists():
+        legacy.rename(path)
+        log.info("moved %s to %s (checkpoints now live beside the model folder)", legacy, path)
 
 
 def _finished_by(out: Path, run_id: str | None, epochs: int) -> bool:
@@ -314,7 +408,13 @@ def _finished_by(out: Path, run_id: str | None, epochs: int) -> bool:
     return isinstance(meta, dict) and meta.get("run_id") == run_id and meta.get("epochs") == epochs
 
 
-def _checkpoint(trainer: dict[str, Any], key: Mapping[str, Any], epoch: int, run_id: str) -> dict:
+def _checkpoint(
+    trainer: dict[str, Any],
+    key: Mapping[str, Any],
+    epoch: int,
+    run_id: str,
+    history: list[dict[str, float]] | None = None,
+) -> dict:
     return {
         **key,
         "epoch": epoch,
@@ -322,6 +422,7 @@ def _checkpoint(trainer: dict[str, Any], key: Mapping[str, Any], epoch: int, run
         "model": trainer["model"].state_dict(),
         "optimiser": trainer["optimiser"].state_dict(),
         "rng": rng_state(trainer["generator"]),
+        "history": history or [],
     }
 
 
@@ -331,7 +432,7 @@ def train_from_params(
     pair: str = "CT-MRI",
     variant: str = "full",
     out_dir: str | Path | None = None,
-    resume: bool = False,
+    resume: Resume = "no",
     device: str | None = None,
     epochs: int | None = None,
     precision: str | None = None,
@@ -341,7 +442,8 @@ def train_from_params(
     """Train `method` (a learned one) on `pair`'s train split, or on every pair's when `pair` is
     ALL_PAIRS (a unified method); with `stage1`, train the method's first stage instead. A
     two-stage method's training starts from its trained first stage (`stage1_model`, else
-    plan.stage1_dir). Return the final weights' path."""
+    plan.stage1_dir). `resume`: one of RESUME_MODES (see the module's doc). Return the final
+    weights' path."""
     from medfuse.tracking import start_run
 
     params = job_params(params, variant)  # a seeded variant (full_seed<N>) trains with its seed
@@ -360,7 +462,9 @@ def train_from_params(
         out = Path(out_dir)
     else:
         out = stage1_dir(method) if stage1 else model_dir(method, pair, variant)
-    key = _resume_key(job_method, pair, variant, config, s.precision)
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"resume must be one of {', '.join(RESUME_MODES)}, not {resume!r}")
+    key = {**_resume_key(job_method, pair, variant, config, s.precision), **_source_key(params)}
     keep_freed_memory()
     seed_everything(s.seed)
     prepared = PreparedData(params["data"]["prepare"]["out_dir"])
@@ -372,20 +476,23 @@ def train_from_params(
         _load_stage1(model, method, stage1_model, s.device)
     trainer = {"model": model, "optimiser": make_optimiser(model, s), "generator": generator}
     log.info("training %s in %s on %s", job_method, s.precision, s.device)
-    start_epoch, run_id = 0, None
-    checkpoint_path = out / CHECKPOINT
-    if not resume:
+    start_epoch, run_id, history = 0, None, []
+    checkpoint = checkpoint_path(out)
+    if resume != "no":
+        _move_legacy_checkpoint(out, checkpoint)
+    state = _state_to_resume(checkpoint, key, resume, s.epochs, s.device)
+    if state is None:
         (out / HISTORY).unlink(missing_ok=True)
-    if resume and checkpoint_path.is_file():
-        start_epoch, run_id = _resume(checkpoint_path, key, trainer, s.device)
+    else:
+        start_epoch, run_id = _resume(state, trainer, checkpoint)
         if start_epoch == s.epochs and _finished_by(out, run_id, s.epochs):
             log.info("%s: already trained (%d epochs, MLflow run %s)", out, s.epochs, run_id)
             return out / WEIGHTS
-    elif resume:
-        log.warning("%s: no checkpoint to resume from; starting at epoch 1", checkpoint_path)
+        history = _history_to_resume(state, out)
+        write_history(out / HISTORY, history)
     job = {"step": "train", "method": job_method, "pair": pair, "variant": variant}
     job_tags = {**job, "out_dir": str(out.resolve())}
-    end_killed_runs(params, job_tags, run_id or _checkpoint_run_id(checkpoint_path))
+    end_killed_runs(params, job_tags, run_id or _checkpoint_run_id(checkpoint))
     with start_run(params, **job, run_id=run_id) as run:
         if run.run_id != run_id:  # a new run (also when the checkpoint's is not in the store)
             run.log_params(_settings_params(s, job_method, pair, variant))
@@ -401,9 +508,10 @@ def train_from_params(
             dataset.set_epoch(epoch)
             stats = train_one_epoch(model, loader, trainer["optimiser"], s, epoch + 1)
             run.log_metrics(stats, step=epoch + 1)
-            append_history(out / HISTORY, epoch + 1, stats)
+            history.append({"epoch": epoch + 1, **stats})
+            write_history(out / HISTORY, history)
             log.info("epoch %d/%d %s", epoch + 1, s.epochs, _format_stats(stats))
-            save_checkpoint(checkpoint_path, _checkpoint(trainer, key, epoch + 1, run.run_id))
+            save_checkpoint(checkpoint, _checkpoint(trainer, key, epoch + 1, run.run_id, history))
         meta = {"method": job_method, "pair": pair, "variant": variant, "config": config}
         meta.update(epochs=s.epochs, seed=s.seed, precision=s.precision, run_id=run.run_id)
         weights = save_weights(out, model, meta)
@@ -496,14 +604,11 @@ def end_killed_runs(
         log.warning("MLflow run %s of a killed training of this job: marked KILLED", stale)
 
 
-def append_history(path: Path, epoch: int, stats: Mapping[str, float]) -> None:
-    """history.csv (one row per epoch, for `dvc plots`); rows from a run that was later
-    resumed at an earlier epoch are replaced."""
-    rows = pd.read_csv(path) if path.is_file() else pd.DataFrame()
-    if not rows.empty:
-        rows = rows[rows["epoch"] < epoch]
-    rows = pd.concat([rows, pd.DataFrame([{"epoch": epoch, **stats}])], ignore_index=True)
-    write_text_atomic(path, rows.to_csv(index=False))
+def write_history(path: Path, rows: list[dict[str, float]]) -> None:
+    """history.csv: one row per epoch done (for `dvc plots` and the report's training times);
+    the checkpoint carries the same rows, so a resume restores them whole."""
+    if rows:
+        write_text_atomic(path, pd.DataFrame(rows).to_csv(index=False))
 
 
 def _format_stats(stats: Mapping[str, float]) -> str:
