@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from medfuse.config import load_params
+from medfuse.errors import DataError
 from medfuse.plan import Job
 from medfuse.report.provenance import runs_markdown, trainings_markdown
 from tests.settings import ONE_PAIR_EXPERIMENTS, REPO
@@ -34,6 +36,11 @@ def test_each_trained_model_gets_its_run_time_and_step(tmp_path: Path) -> None:
         in text
     )
     assert "| wdualmine | CT-MRI | full_seed7 | not trained |" in text
+
+    # A damaged model.json is one line naming it (the reader fusion and training use too).
+    (model / "model.json").write_text('{"seed": 34')
+    with pytest.raises(DataError, match=r"CT-MRI/full/model\.json: invalid JSON"):
+        trainings_markdown(params, tmp_path / "results")
 
 
 def _run(run_id: str, step: str, location: str, start: int, **tags: str) -> dict:

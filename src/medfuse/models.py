@@ -23,7 +23,7 @@ from medfuse.errors import ConfigError, DataError
 from medfuse.io import atomic_path
 from medfuse.methods.net import FusionNet
 from medfuse.methods.registry import build_method
-from medfuse.plan import META, WEIGHTS
+from medfuse.plan import META, WEIGHTS, weights_meta
 from medfuse.precision import autocast
 
 
@@ -213,17 +213,6 @@ class NetFuser:
 
     def fuse(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return predict_pair(self.net, a, b, self.device, self.precision)
-
-
-def weights_meta(weights: Path) -> dict[str, Any]:
-    """model.json beside the weights (what built them), or {} when there is none."""
-    meta_path = weights.with_name(META) if weights.name == WEIGHTS else weights.with_suffix(".json")
-    if not meta_path.is_file():
-        return {}
-    try:
-        return json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{meta_path}: invalid JSON ({exc})") from exc
 
 
 def load_learned(

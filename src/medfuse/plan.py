@@ -12,6 +12,7 @@ whose weights every training of the method reuses (its variants included).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -67,6 +68,18 @@ def checkpoint_path(model_folder: Path) -> Path:
 
 # Where older versions kept the checkpoint (inside the model folder); moved on the next resume.
 LEGACY_CHECKPOINT = "checkpoint.pt"
+
+
+def weights_meta(weights: Path) -> dict[str, Any]:
+    """model.json beside the weights (what built them: method, config, epochs, seed, precision,
+    MLflow run), or {} when there is none; a weights file of another name has <name>.json."""
+    meta_path = weights.with_name(META) if weights.name == WEIGHTS else weights.with_suffix(".json")
+    if not meta_path.is_file():
+        return {}
+    try:
+        return json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{meta_path}: invalid JSON ({exc})") from exc
 
 
 def job_of_fused_dir(fused_dir: str | Path) -> Job:

@@ -61,7 +61,6 @@ from medfuse.models import (
     resolve_device,
     save_checkpoint,
     save_weights,
-    weights_meta,
 )
 from medfuse.plan import (
     ALL_PAIRS,
@@ -72,6 +71,7 @@ from medfuse.plan import (
     checkpoint_path,
     model_dir,
     stage1_dir,
+    weights_meta,
 )
 from medfuse.precision import autocast, resolve_precision
 
@@ -572,11 +572,9 @@ def _load_stage1(model: FusionNet, method: str, path: str | Path | None, device:
             f"{path}: no trained first stage of {method}; run `medfuse train --method {method} "
             f"--stage1 --pair {ALL_PAIRS}` first (or give --stage1-model)"
         )
-    meta_path = path.with_name(META)
-    if meta_path.is_file():
-        trained_as = json.loads(meta_path.read_text(encoding="utf-8")).get("method")
-        if trained_as not in (None, stage1_name(method)):
-            raise ConfigError(f"{path}: weights of {trained_as!r}, not of {stage1_name(method)!r}")
+    trained_as = weights_meta(path).get("method")
+    if trained_as not in (None, stage1_name(method)):
+        raise ConfigError(f"{path}: weights of {trained_as!r}, not of {stage1_name(method)!r}")
     model.load_stage1(load_checkpoint(path, device))
 
 

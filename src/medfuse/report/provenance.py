@@ -8,7 +8,6 @@ the job's tags that wrote or scored the job's own folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 from collections.abc import Mapping
@@ -17,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from medfuse.plan import HISTORY, META, Job, model_folders
+from medfuse.plan import HISTORY, WEIGHTS, Job, model_folders, weights_meta
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +29,9 @@ def _duration(seconds: float) -> str:
 
 
 def _training_row(model: str, job: Job, folder: Path) -> str:
-    if not (folder / META).is_file():
+    meta = weights_meta(folder / WEIGHTS)
+    if not meta:
         return f"| {model} | {job.pair} | {job.variant} | not trained | | | | | |"
-    meta = json.loads((folder / META).read_text())
     history = pd.read_csv(folder / HISTORY) if (folder / HISTORY).is_file() else pd.DataFrame()
     time = _duration(history["epoch_s"].sum()) if "epoch_s" in history else "—"
     step = f"{statistics.median(history['s_per_step']):.2f} s" if "s_per_step" in history else "—"
