@@ -536,10 +536,11 @@ def test_checkpoints_from_before_the_precision_setting_resume_as_float32(tmp_pat
     config = {"model": {"widths": [4, 8, 8, 8]}}
     old = _resume_key("wdualmine", "CT-MRI", "full", config)
     del old["precision"]  # written before train.precision existed: always float32
-    _check_resumable(old, _resume_key("wdualmine", "CT-MRI", "full", config, "float32"), tmp_path)
+    key = _resume_key("wdualmine", "CT-MRI", "full", config, "float32")
+    _check_resumable(old, key, tmp_path, epochs=2)
     with pytest.raises(ConfigError, match="precision='float32', not 'bfloat16'"):
         _check_resumable(
-            old, _resume_key("wdualmine", "CT-MRI", "full", config, "bfloat16"), tmp_path
+            old, _resume_key("wdualmine", "CT-MRI", "full", config, "bfloat16"), tmp_path, 2
         )
 
 

@@ -109,6 +109,14 @@ def test_snakemake_quick_profile_end_to_end(
     assert "output: results/models/dm-fnet/all/full/model.pt" in out
     assert out.count("output: results/models/") == 1
 
+    # Snakemake removes a forced job's output before it runs it; the training gives the weights
+    # back from its checkpoint (beside the model folder), byte for byte.
+    weights = "results/models/wdualmine/CT-MRI/full/model.pt"
+    before = (quick_repo / weights).read_bytes()
+    _run(["snakemake", "--profile", "workflow/profiles/quick", "-f", weights], quick_repo, env)
+    log = (quick_repo / "logs/train/wdualmine/CT-MRI/full.log").read_text()
+    assert "resuming from epoch" in log and (quick_repo / weights).read_bytes() == before
+
 
 def test_dvc_quick_profile_end_to_end_and_selective_rerun(dvc_run: BackgroundRun):
     repo, env = dvc_run.repo, dvc_run.env

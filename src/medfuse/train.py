@@ -300,11 +300,11 @@ def _differences(state: Mapping[str, Any], key: Mapping[str, Any], epochs: int) 
 
 
 def _check_resumable(
-    state: Mapping[str, Any], key: Mapping[str, Any], path: Path, epochs: int | None = None
+    state: Mapping[str, Any], key: Mapping[str, Any], path: Path, epochs: int
 ) -> None:
     """Refuse (`--resume`) a checkpoint of other settings, precision or a later epoch; warn of
     other code or data."""
-    for name in _differences(state, key, epochs if epochs is not None else 1 << 30):
+    for name in _differences(state, key, epochs):
         if name == "epochs":
             done = int(state["epoch"])
             raise ConfigError(
