@@ -24,6 +24,7 @@ from medfuse.models import (
 )
 from medfuse.plan import META, WEIGHTS, checkpoint_path
 from medfuse.precision import resolve_precision
+from medfuse.tracking import code_fingerprint
 from medfuse.train import resolve_settings, train_from_params
 
 TINY_METHOD = {
@@ -168,6 +169,7 @@ def test_train_writes_weights_and_logs_to_mlflow(tiny_params: dict, tmp_path: Pa
         "no_sgm",
     )
     assert "git_commit" in tags and len(tags["data_manifest_sha256"]) == 64
+    assert tags["code_sha256"] == code_fingerprint()  # what ran, also without git
     logged = run.data.params
     assert logged["seed"] == str(tiny_params["seed"])
     assert logged["methods.wdualmine.optim.lr"] == "0.001"
