@@ -285,23 +285,19 @@ _LOSSES = ["loss/total", "loss/avg", "loss/grad", "loss/cc", "loss/mi", "loss/re
 def test_a_rerun_of_an_interrupted_pipeline_training_continues_it(
     tiny_params: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """What the Snakefile and dvc.yaml run: a training killed in epoch 3, whose model folder the
-    tool then removes before rerunning it, continues from epoch 2 to the uninterrupted weights,
-    with the whole history."""
+    """A rerun of the same training (what Snakemake and DVC do after an interruption; the default
+    resume mode): killed in epoch 3, its model folder then removed by the tool, it continues from
+    epoch 2 to the uninterrupted weights, with the whole history."""
     straight = train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "a", epochs=3)
     out = tmp_path / "b"
     with monkeypatch.context() as patched:
         _dies_at_step(patched, 6)  # 2 steps an epoch: in epoch 3
         with pytest.raises(KeyboardInterrupt):
-            train_from_params(
-                tiny_params, pair="CT-MRI", out_dir=out, epochs=3, resume="if-unchanged"
-            )
+            train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=3)
     shutil.rmtree(out)  # DVC removes a stage's outs before it reruns the stage
     assert load_checkpoint(checkpoint_path(out))["epoch"] == 2  # kept beside the folder
 
-    resumed = train_from_params(
-        tiny_params, pair="CT-MRI", out_dir=out, epochs=3, resume="if-unchanged"
-    )
+    resumed = train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=3)
     want, got = load_checkpoint(straight), load_checkpoint(resumed)
     assert all(torch.equal(want[key], got[key]) for key in want)
     assert _epochs_done(out) == [1, 2, 3]
@@ -377,25 +373,32 @@ def test_cli_trains_a_colour_pair(tiny_params: dict, tmp_path: Path) -> None:
         )
     )
     out = tmp_path / "pet"
-    code = main(
-        [
-            "train",
-            "--params",
-            str(Path(__file__).parents[1] / "params.yaml"),
-            "--overlay",
-            str(overlay),
-            "--pair",
-            "PET-MRI",
-            "--variant",
-            "no_l_mi",
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
-    assert code == 0
+    args = [
+        "train",
+        "--params",
+        str(Path(__file__).parents[1] / "params.yaml"),
+        "--overlay",
+        str(overlay),
+        "--pair",
+        "PET-MRI",
+        "--variant",
+        "no_l_mi",
+        "--epochs",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
     assert json.loads((out / META).read_text())["config"]["loss"]["mi"] == 0.0
+    run_id = json.loads((out / META).read_text())["run_id"]
+
+    # The same command with more epochs continues the run; --fresh trains from epoch 1.
+    args = [a if a != "1" else "2" for a in args]
+    assert main(args) == 0 and json.loads((out / META).read_text())["run_id"] == run_id
+    assert main([*args, "--fresh"]) == 0
+    assert json.loads((out / META).read_text())["run_id"] != run_id
+    with pytest.raises(SystemExit):  # one or the other
+        main([*args, "--fresh", "--resume"])
 
 
 def test_train_rejects_a_method_without_training(tiny_params: dict) -> None:
@@ -660,10 +663,8 @@ def test_the_next_training_of_a_job_marks_the_run_a_killed_one_left_running_kill
 ) -> None:
     in_epoch_1 = _train_killed_outright(tiny_params, tmp_path / "x", 1, monkeypatch)
     in_epoch_2 = _train_killed_outright(tiny_params, tmp_path / "y", 3, monkeypatch)
-    assert (
-        not (checkpoint_path(tmp_path / "x")).exists()
-        and (checkpoint_path(tmp_path / "y")).exists()
-    )
+    assert not checkpoint_path(tmp_path / "x").exists()
+    assert checkpoint_path(tmp_path / "y").exists()
     client = client_for(tiny_params)
     if "out_dir" in client.get_run(in_epoch_2).data.tags:  # as a run of older code: only its
         client.delete_tag(in_epoch_2, "out_dir")  # checkpoint says it is this folder's
@@ -671,7 +672,7 @@ def test_the_next_training_of_a_job_marks_the_run_a_killed_one_left_running_kill
     train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "x")
     assert _status(tiny_params, in_epoch_1) == "KILLED"  # found by its job and folder
     assert _status(tiny_params, in_epoch_2) == "RUNNING"  # another folder's run: left alone
-    train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "y")
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=tmp_path / "y", resume="no")
     assert _status(tiny_params, in_epoch_2) == "KILLED"  # found through the checkpoint
     statuses = sorted(run.info.status for run in _train_runs(tiny_params))
     assert statuses == ["FINISHED", "FINISHED", "KILLED", "KILLED"]

@@ -51,7 +51,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         pair=args.pair,
         variant=args.variant,
         out_dir=args.out,
-        resume="yes" if args.resume else "if-unchanged" if args.resume_if_unchanged else "no",
+        resume="yes" if args.resume else "no" if args.fresh else "if-unchanged",
         device=args.device,
         epochs=args.epochs,
         precision=args.precision,
@@ -176,17 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="wdualmine")
     p.add_argument("--variant", default="full", help="ablation variant from params.yaml")
     p.add_argument("--out", type=Path, default=None, help="weights directory")
+    # Default: continue a checkpoint of the same settings, code and data (an interrupted run of
+    # the same command, e.g. by Snakemake or DVC), else train from epoch 1.
     resume = p.add_mutually_exclusive_group()
     resume.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the last checkpoint (refused if written for other settings)",
+        help="continue the checkpoint even under other code or data (refused if written for "
+        "other settings)",
     )
     resume.add_argument(
-        "--resume-if-unchanged",
-        action="store_true",
-        help="continue from the last checkpoint if settings, code and data are those that wrote "
-        "it, else train from epoch 1 (what the Snakefile and dvc.yaml run)",
+        "--fresh", action="store_true", help="train from epoch 1 whatever checkpoint there is"
     )
     p.add_argument("--device", default=None, help="auto | cpu | cuda (overrides params.yaml)")
     p.add_argument("--epochs", type=int, default=None, help="override the epoch count")

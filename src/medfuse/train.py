@@ -7,11 +7,12 @@ an uninterrupted run (on CPU, where kernels are deterministic), in float32 and i
 Checkpoints are read with `weights_only=True` (`medfuse.models`) and live beside the model folder
 (`plan.checkpoint_path`), where the workflow tools' removal of a rerun job's outputs leaves them.
 
-Resume modes: "no" trains from epoch 1; "yes" (`--resume`) continues the checkpoint and refuses
-one of other settings; "if-unchanged" (`--resume-if-unchanged`, what the Snakefile and dvc.yaml
-run) continues it only when settings, precision, medfuse's source and the prepared data are all
-those that wrote it, and otherwise trains from epoch 1: an interrupted `snakemake`/`dvc repro`
-continues each training where it stopped, and a changed one starts afresh.
+Resume modes: "if-unchanged" (the default, so what the Snakefile and dvc.yaml run) continues the
+checkpoint only when settings, precision, medfuse's source and the prepared data are all those
+that wrote it, and otherwise trains from epoch 1: an interrupted `snakemake`/`dvc repro`
+continues each training where it stopped, and a changed one starts afresh. "yes" (`--resume`)
+continues it under other code or data too and refuses one of other settings; "no" (`--fresh`)
+trains from epoch 1.
 
 A trained model is model.json plus model.pt, and model.pt's rename is its one commit point (see
 `save_weights`). A training killed outright leaves its MLflow run RUNNING; the next training of
@@ -432,7 +433,7 @@ def train_from_params(
     pair: str = "CT-MRI",
     variant: str = "full",
     out_dir: str | Path | None = None,
-    resume: Resume = "no",
+    resume: Resume = "if-unchanged",
     device: str | None = None,
     epochs: int | None = None,
     precision: str | None = None,

@@ -1,6 +1,7 @@
 # Training: every learned method on every pair, plus the ablation variants (configuration only).
 # A rerun of an interrupted training (`--rerun-incomplete`, a SLURM retry) continues from its
-# checkpoint, kept beside the model folder, when settings, code and data are unchanged.
+# checkpoint, kept beside the model folder, when settings, code and data are unchanged
+# (`medfuse train`'s default).
 
 
 rule init_tracking:
@@ -42,7 +43,7 @@ rule train:
         CONDA_ENV
     shell:
         "medfuse train {params.profile} --method {wildcards.method} --pair {wildcards.pair}"
-        " --variant {wildcards.variant} --out {params.out_dir} --resume-if-unchanged > {log} 2>&1"
+        " --variant {wildcards.variant} --out {params.out_dir} > {log} 2>&1"
 
 
 # A two-stage method's first stage (DM-FNet's diffusion U-Net): trained once on every pair's
@@ -71,4 +72,4 @@ rule train_stage1:
         CONDA_ENV
     shell:
         "medfuse train {params.profile} --method {wildcards.method} --stage1 --pair all"
-        " --out {params.out_dir} --resume-if-unchanged > {log} 2>&1"
+        " --out {params.out_dir} > {log} 2>&1"
