@@ -324,9 +324,17 @@ def test_a_pipeline_training_starts_afresh_when_what_wrote_its_checkpoint_change
     elif change == "data":
         monkeypatch.setattr("medfuse.tracking.data_manifest_hash", lambda params: "other data")
     caplog.set_level("INFO", logger="medfuse.train")
+    reads: list[Path] = []
+
+    def counted(path: Path, *args: object) -> dict:
+        reads.append(path)
+        return load_checkpoint(path, *args)
+
+    monkeypatch.setattr("medfuse.train.load_checkpoint", counted)
 
     train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=epochs, resume="if-unchanged")
     assert "training from epoch 1" in caplog.text and "resuming" not in caplog.text
+    assert reads == [checkpoint_path(out)]  # read once, to decide and for the run it ends
     assert _epochs_done(out) == list(range(1, epochs + 1))
     assert load_checkpoint(checkpoint_path(out))["epoch"] == epochs
 
@@ -350,17 +358,23 @@ def test_resume_continues_under_other_code_and_says_so(
         train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=1, resume="yes")
 
 
-def test_a_checkpoint_in_the_model_folder_of_older_versions_is_moved_and_resumed(
-    tiny_params: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("resume", ["yes", "no"])
+def test_a_checkpoint_in_the_model_folder_of_older_versions_is_moved_out_of_it(
+    tiny_params: dict, tmp_path: Path, caplog: pytest.LogCaptureFixture, resume: str
 ) -> None:
+    """Resumed with --resume; with --fresh, replaced by the new training's (none stays behind
+    in the folder DVC tracks)."""
     out = tmp_path / "m"
     train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=1)
+    old_run = load_checkpoint(checkpoint_path(out))["run_id"]
     checkpoint_path(out).rename(out / "checkpoint.pt")
     caplog.set_level("INFO", logger="medfuse.train")
-    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=2, resume="yes")
-    assert "resuming from epoch 1" in caplog.text
+    train_from_params(tiny_params, pair="CT-MRI", out_dir=out, epochs=2, resume=resume)
+    assert ("resuming from epoch 1" in caplog.text) == (resume == "yes")
     assert not (out / "checkpoint.pt").exists()
-    assert load_checkpoint(checkpoint_path(out))["epoch"] == 2
+    state = load_checkpoint(checkpoint_path(out))
+    assert state["epoch"] == 2
+    assert (state["run_id"] == old_run) == (resume == "yes")
 
 
 def test_cli_trains_a_colour_pair(tiny_params: dict, tmp_path: Path) -> None:

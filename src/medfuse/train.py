@@ -337,30 +337,36 @@ def _make_loader(dataset: PairDataset, s: TrainSettings) -> tuple[DataLoader, to
     return loader, generator
 
 
-def _state_to_resume(
-    path: Path, key: Mapping[str, Any], mode: Resume, epochs: int, device: str
-) -> dict[str, Any] | None:
-    """The checkpoint to continue from, or None to train from epoch 1 (see the resume modes)."""
-    if mode == "no":
-        return None
+def _read_checkpoint(path: Path, mode: Resume, device: str) -> dict[str, Any] | None:
+    """The checkpoint at `path`, read once: to continue from, or for the MLflow run a fresh
+    start ends. None when there is none, or (unless `--resume` asked for it) it is unreadable."""
     if not path.is_file():
         if mode == "yes":
             log.warning("%s: no checkpoint to resume from; starting at epoch 1", path)
         return None
-    if mode == "yes":
-        state = load_checkpoint(path, device)
-        _check_resumable(state, key, path, epochs)
-        return state
     try:
-        state = load_checkpoint(path, device)
+        return load_checkpoint(path, device)
     except DataError as exc:
+        if mode == "yes":
+            raise
         log.warning("%s; training from epoch 1", exc)
         return None
-    changed = _differences(state, key, epochs)
+
+
+def _state_to_resume(
+    found: Mapping[str, Any] | None, path: Path, key: Mapping[str, Any], mode: Resume, epochs: int
+) -> Mapping[str, Any] | None:
+    """The checkpoint to continue from, or None to train from epoch 1 (see the resume modes)."""
+    if found is None or mode == "no":
+        return None
+    if mode == "yes":
+        _check_resumable(found, key, path, epochs)
+        return found
+    changed = _differences(found, key, epochs)
     if changed:
         log.info("%s: written for other %s; training from epoch 1", path, ", ".join(changed))
         return None
-    return state
+    return found
 
 
 def _resume(state: Mapping[str, Any], trainer: dict[str, Any], path: Path) -> tuple:
@@ -479,9 +485,11 @@ def train_from_params(
     log.info("training %s in %s on %s", job_method, s.precision, s.device)
     start_epoch, run_id, history = 0, None, []
     checkpoint = checkpoint_path(out)
-    if resume != "no":
-        _move_legacy_checkpoint(out, checkpoint)
-    state = _state_to_resume(checkpoint, key, resume, s.epochs, s.device)
+    _move_legacy_checkpoint(out, checkpoint)  # also for --fresh: none stays in the folder
+    found = _read_checkpoint(checkpoint, resume, s.device)
+    state = _state_to_resume(found, checkpoint, key, resume, s.epochs)
+    old_run_id = found.get("run_id") if found is not None else None
+    del found  # a discarded checkpoint's weights need not stay in memory through the training
     if state is None:
         (out / HISTORY).unlink(missing_ok=True)
     else:
@@ -493,7 +501,7 @@ def train_from_params(
         write_history(out / HISTORY, history)
     job = {"step": "train", "method": job_method, "pair": pair, "variant": variant}
     job_tags = {**job, "out_dir": str(out.resolve())}
-    end_killed_runs(params, job_tags, run_id or _checkpoint_run_id(checkpoint))
+    end_killed_runs(params, job_tags, old_run_id)
     with start_run(params, **job, run_id=run_id) as run:
         if run.run_id != run_id:  # a new run (also when the checkpoint's is not in the store)
             run.log_params(_settings_params(s, job_method, pair, variant))
@@ -577,16 +585,6 @@ def _load_stage1(model: FusionNet, method: str, path: str | Path | None, device:
     if trained_as not in (None, stage1_name(method)):
         raise ConfigError(f"{path}: weights of {trained_as!r}, not of {stage1_name(method)!r}")
     model.load_stage1(load_checkpoint(path, device))
-
-
-def _checkpoint_run_id(path: Path) -> str | None:
-    """The MLflow run of the checkpoint in `path`, if one is there and can be read."""
-    if not path.is_file():
-        return None
-    try:
-        return load_checkpoint(path).get("run_id")
-    except DataError:  # a fresh start overwrites an unreadable checkpoint anyway
-        return None
 
 
 def end_killed_runs(
