@@ -12,7 +12,7 @@ import torch
 from medfuse.errors import ConfigError
 from medfuse.methods import adafuse, asfe_fusion
 from medfuse.methods.asfe_fusion import FusionLoss, LossConfig, ssim, structure_tensor
-from medfuse.methods.blocks import gaussian_window
+from medfuse.methods.blocks import gaussian_window, ssim_map
 from medfuse.methods.net import FusionNet
 from medfuse.methods.peer_blocks import (
     BlurPool2d,
@@ -316,3 +316,31 @@ def test_one_epoch_through_the_project_training_loop(
     fused = fuser.fuse(a, b)
     assert fused.shape == a.shape
     assert fused.min() >= 0.0 and fused.max() <= 1.0
+
+
+def test_the_losses_ssim_map_is_scikit_images_away_from_the_border() -> None:
+    """The one SSIM of the peers' and seed methods' losses against scikit-image's Gaussian SSIM
+    (sigma 1.5, an 11-tap window, population covariance), where no padding reaches: the valid
+    map (pad 0) is its interior, and the zero-padded one (pad 5) keeps the image's size."""
+    from skimage.metrics import structural_similarity
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 48))
+    y = np.clip(0.6 * x + 0.4 * rng.random((40, 48)), 0, 1)
+    _, want = structural_similarity(
+        x,
+        y,
+        data_range=1.0,
+        gaussian_weights=True,
+        sigma=1.5,
+        use_sample_covariance=False,
+        full=True,
+    )
+    tx, ty = (torch.from_numpy(v).view(1, 1, 40, 48) for v in (x, y))
+    window = gaussian_window(11, 1.5).double()
+    valid = ssim_map(tx, ty, window, 0)[0, 0].numpy()
+    # 1e-6: the window's taps are computed in float32
+    np.testing.assert_allclose(valid, want[5:-5, 5:-5], atol=1e-6)
+    same = ssim_map(tx, ty, window, 5)[0, 0].numpy()
+    assert same.shape == (40, 48)
+    np.testing.assert_allclose(same[5:-5, 5:-5], valid, atol=1e-12)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from medfuse.config import config_from_mapping
-from medfuse.methods.blocks import gaussian_window, in_float32
+from medfuse.methods.blocks import gaussian_window, in_float32, ssim_map
 from medfuse.methods.peer_blocks import (
     BackboneConfig,
     PeerFusionNet,
@@ -65,20 +65,7 @@ class LossConfig:
 def ssim(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """Mean SSIM of two (N, 1, H, W) batches for data range 1 (zero-padded Gaussian window)."""
     window = window.to(dtype=x.dtype, device=x.device)
-    pad = window.shape[-1] // 2
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window, padding=pad)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    cov = blur(x * y) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    )
-    return ssim_map.mean()
+    return ssim_map(x, y, window, window.shape[-1] // 2).mean()
 
 
 def structure_tensor(x: torch.Tensor) -> torch.Tensor:

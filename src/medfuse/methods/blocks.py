@@ -180,6 +180,30 @@ def gaussian_window(size: int, sigma: float) -> torch.Tensor:
     return torch.outer(taps, taps).view(1, 1, size, size)
 
 
+SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2  # SSIM's constants for data range 1
+
+
+def local_moments(
+    x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, pad: int
+) -> tuple[torch.Tensor, ...]:
+    """Local means, variances and covariance (mu_x, mu_y, var_x, var_y, cov) of two (N, 1, H, W)
+    batches under `window`, with `pad` zeros on each side (0: the valid region only)."""
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, window, padding=pad)
+
+    mu_x, mu_y = blur(x), blur(y)
+    return mu_x, mu_y, blur(x * x) - mu_x**2, blur(y * y) - mu_y**2, blur(x * y) - mu_x * mu_y
+
+
+def ssim_map(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor, pad: int) -> torch.Tensor:
+    """SSIM (luminance, contrast, structure) per pixel for data range 1 (see local_moments)."""
+    mu_x, mu_y, var_x, var_y, cov = local_moments(x, y, window, pad)
+    return ((2 * mu_x * mu_y + SSIM_C1) * (2 * cov + SSIM_C2)) / (
+        (mu_x**2 + mu_y**2 + SSIM_C1) * (var_x + var_y + SSIM_C2)
+    )
+
+
 def sobel_xy(x: torch.Tensor, padding: str = "zeros") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel Sobel derivatives (horizontal, vertical), same size as `x`.
 

@@ -26,7 +26,13 @@ from torch import nn
 
 from medfuse.config import config_from_mapping
 from medfuse.errors import ConfigError
-from medfuse.methods.blocks import gaussian_window, in_float32, sobel_magnitude
+from medfuse.methods.blocks import (
+    SSIM_C2,
+    gaussian_window,
+    in_float32,
+    local_moments,
+    sobel_magnitude,
+)
 from medfuse.methods.net import FusionNet
 
 # ----------------------------------------------------------------------------- configuration
@@ -461,26 +467,10 @@ class FusionHead(nn.Module):
 # ----------------------------------------------------------------------------- head loss
 
 
-def local_moments(
-    x: torch.Tensor, y: torch.Tensor, window: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gaussian-weighted variances of x and y and their covariance (zero padding)."""
-    pad = window.shape[-1] // 2
-
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, window, padding=pad)
-
-    mu_x, mu_y = blur(x), blur(y)
-    var_x = blur(x * x) - mu_x**2
-    var_y = blur(y * y) - mu_y**2
-    return var_x, var_y, blur(x * y) - mu_x * mu_y
-
-
 def ssim_cs_map(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     """SSIM's contrast-structure part (2σ_xy + C2)/(σ_x² + σ_y² + C2), C2 = 0.03²."""
-    var_x, var_y, cov = local_moments(x, y, window)
-    c2 = 0.03**2
-    return (2 * cov + c2) / (var_x + var_y + c2)
+    _, _, var_x, var_y, cov = local_moments(x, y, window, window.shape[-1] // 2)
+    return (2 * cov + SSIM_C2) / (var_x + var_y + SSIM_C2)
 
 
 class HeadLoss(nn.Module):
@@ -504,8 +494,9 @@ class HeadLoss(nn.Module):
         )
         # Variances rather than the authors' standard deviations: the same order, and no NaN
         # from the square root of a slightly negative variance.
-        var_a = local_moments(a, a, window)[0]
-        var_b = local_moments(b, b, window)[0]
+        pad = window.shape[-1] // 2
+        var_a = local_moments(a, a, window, pad)[2]
+        var_b = local_moments(b, b, window, pad)[2]
         cs = torch.where(
             var_b >= var_a, ssim_cs_map(fused, b, window), ssim_cs_map(fused, a, window)
         )

@@ -31,7 +31,7 @@ from torch import nn
 
 from medfuse.config import config_from_mapping
 from medfuse.errors import DataError
-from medfuse.methods.blocks import gaussian_window, in_float32
+from medfuse.methods.blocks import gaussian_window, in_float32, ssim_map
 from medfuse.methods.net import FusionNet
 
 # ----------------------------------------------------------------------------- configuration
@@ -324,16 +324,7 @@ def ssim_valid(x: torch.Tensor, y: torch.Tensor, window: torch.Tensor) -> torch.
     size = min(window.shape[-1], x.shape[-2], x.shape[-1])
     if size != window.shape[-1]:  # the authors shrink the window to a smaller image
         raise ValueError(f"SSIM window {window.shape[-1]} exceeds the image {tuple(x.shape)}")
-    window = window.to(dtype=x.dtype, device=x.device)
-    mu_x, mu_y = F.conv2d(x, window), F.conv2d(y, window)
-    var_x = F.conv2d(x * x, window) - mu_x**2
-    var_y = F.conv2d(y * y, window) - mu_y**2
-    cov = F.conv2d(x * y, window) - mu_x * mu_y
-    c1, c2 = 0.01**2, 0.03**2
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / (
-        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    )
-    return ssim_map.mean()
+    return ssim_map(x, y, window.to(dtype=x.dtype, device=x.device), 0).mean()
 
 
 def region_vectors(x: torch.Tensor, radius: int, pool: int) -> torch.Tensor:
